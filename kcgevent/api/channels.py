@@ -1,0 +1,86 @@
+"""Serving a session's channel over a WebSocket.
+
+Used by the blueprint's `/sessions/<id>/channels` view (TCP) and by the
+per-session socket listeners (Unix sockets, named pipes), which accept an
+upgrade on any path. After the upgrade the connection belongs to the
+session's channel; this greenlet just reads client frames until it ends.
+"""
+import logging
+from urllib.parse import parse_qs
+
+from flask import Response
+
+from ..errors import ApiError
+from ..websocket import ConnectionClosed, HandshakeError, WebSocket, is_upgrade_request
+
+log = logging.getLogger(__name__)
+
+
+class AlreadyHandled(Response):
+    """What a view returns once it has taken the socket over: nothing more is written."""
+
+    def __call__(self, environ, start_response):
+        return []
+
+
+def resume_position(environ):
+    """`?after=N` (the last `seq` the client processed), or None."""
+    values = parse_qs(environ.get("QUERY_STRING", "")).get("after")
+    if not values:
+        return None
+    try:
+        after = int(values[0])
+    except ValueError:
+        raise ApiError(400, "400", "'after' must be the integer seq of the last frame the client processed") from None
+    if after < 0:
+        raise ApiError(400, "400", "'after' must not be negative")
+    return after
+
+
+def serve_channel(supervisor, session, environ):
+    """Upgrade to a WebSocket and relay between the client and `session`."""
+    if not is_upgrade_request(environ):
+        raise ApiError(400, "400", "This endpoint needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
+    after = resume_position(environ)
+    try:
+        ws = WebSocket.accept(environ)
+    except HandshakeError as exc:
+        raise ApiError(400, "400", str(exc)) from None
+    supervisor.nudge()
+    client = session.channel.attach(ws, after)
+    try:
+        while True:
+            text = ws.receive()
+            if text == "":
+                break  # as in Kallichore, an empty text frame ends the connection
+            reply = session.handle_client_frame(text)
+            if reply is not None:
+                ws.send(reply)
+    except ConnectionClosed:
+        pass
+    finally:
+        session.channel.detach(client)
+    return AlreadyHandled()
+
+
+def session_channel_app(supervisor, session_id):
+    """A WSGI app serving one session's channel on any path (per-session sockets)."""
+    from .views import token_matches
+
+    def app(environ, start_response):
+        def fail(status, message):
+            body = ('{"code":"%s","message":"%s"}' % (status.split()[0], message)).encode()
+            start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+            return [body]
+
+        if not token_matches(environ.get("HTTP_AUTHORIZATION"), supervisor.config.token):
+            return fail("401 Unauthorized", "Missing or invalid bearer token")
+        session = supervisor.sessions.get(session_id)
+        if session is None:
+            return fail("404 Not Found", f"Session {session_id} not found")
+        try:
+            return serve_channel(supervisor, session, environ)(environ, start_response)
+        except ApiError as exc:
+            return fail(f"{exc.status} Error", exc.message.replace('"', "'"))
+
+    return app

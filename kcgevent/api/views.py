@@ -1,0 +1,249 @@
+"""The Kallichore HTTP API as a Flask blueprint.
+
+Each view declares its contract with `@operation` (see contract.py); the
+`before_request` hook enforces auth from it, and `load_body` validates bodies
+with the generated marshmallow schemas. Views only translate between HTTP
+and the Supervisor / KernelSession verbs.
+"""
+import secrets
+import uuid
+
+from flask import Blueprint, current_app, g, jsonify, request
+from marshmallow import ValidationError
+
+from ..errors import ApiError, StartupError
+from .channels import serve_channel
+from .contract import operation
+from .openapi import render_openapi
+from .schemas import SCHEMAS
+
+bp = Blueprint("kallichore", __name__)
+
+ERROR = "error"
+
+
+def supervisor():
+    return current_app.extensions["kcgevent"]
+
+
+def token_matches(header, token):
+    """Constant-time comparison of an `Authorization: Bearer` header with the token."""
+    if token is None:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), token.encode())
+
+
+@bp.before_request
+def check_auth():
+    view = current_app.view_functions.get(request.endpoint)
+    op = getattr(view, "operation", None)
+    needs_auth = op.auth if op is not None else True
+    if needs_auth and not token_matches(request.headers.get("Authorization"), supervisor().config.token):
+        raise ApiError(401, "401", "Missing or invalid bearer token (send 'Authorization: Bearer <token>')")
+
+
+@bp.after_request
+def add_span_id(response):
+    response.headers["x-span-id"] = request.headers.get("X-Span-ID") or str(uuid.uuid4())
+    if getattr(g, "ignored_fields", None):
+        response.headers["warning"] = f"Ignoring unknown fields in body: {sorted(g.ignored_fields)}"
+    return response
+
+
+@bp.errorhandler(ApiError)
+def api_error(exc):
+    response = jsonify(exc.body())
+    response.status_code = exc.status
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+@bp.errorhandler(StartupError)
+def startup_error(exc):
+    response = jsonify(exc.body())
+    response.status_code = 500
+    return response
+
+
+def load_body(name, required=True):
+    """Validate the JSON body against schema `name`; a clear 400 when it doesn't fit."""
+    schema = SCHEMAS[name]()
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        if required:
+            raise ApiError(400, "400", f"Missing required body parameter {name}")
+        return {}
+    data = request.get_json(silent=True)
+    if data is None:
+        raise ApiError(400, "400", f"Couldn't parse body parameter {name}: the body is not valid JSON")
+    if not isinstance(data, dict):
+        raise ApiError(400, "400", f"Couldn't parse body parameter {name}: expected a JSON object")
+    try:
+        loaded = schema.load(data)
+    except ValidationError as exc:
+        raise ApiError(400, "400", f"Couldn't parse body parameter {name} - doesn't match schema: "
+                       f"{_describe(exc.messages)}") from None
+    g.ignored_fields = set(data) - set(schema.fields)
+    return loaded
+
+
+def _describe(messages):
+    parts = []
+    for field, problem in sorted(messages.items(), key=lambda kv: str(kv[0])):
+        if isinstance(problem, dict):
+            problem = _describe(problem)
+        elif isinstance(problem, list):
+            problem = " ".join(str(p) for p in problem)
+        parts.append(f"{field}: {problem}")
+    return "; ".join(parts)
+
+
+def null():
+    return jsonify(None)
+
+
+# -- sessions -----------------------------------------------------------------------
+
+
+@bp.get("/sessions")
+@operation("list-sessions", "List the sessions", responses={200: "sessionList", 401: None})
+def list_sessions():
+    sessions = [s.to_json() for s in supervisor().sessions.values()]
+    return jsonify({"total": len(sessions), "sessions": sessions})
+
+
+@bp.put("/sessions")
+@operation("new-session", "Create a session (it is not started)", body="newSession", body_required=True,
+           responses={200: "object", 400: ERROR, 401: None})
+def new_session():
+    spec = load_body("newSession")
+    if spec.pop("run_in_shell", False) and spec["startup_environment"] == "none":
+        spec["startup_environment"] = "shell"  # the 2025 client's way of asking for a shell
+    session = supervisor().create(spec)
+    return jsonify({"session_id": session.session_id})
+
+
+@bp.get("/sessions/<session_id>")
+@operation("get-session", "Describe one session", responses={200: "activeSession", 400: ERROR, 401: None, 404: ERROR})
+def get_session(session_id):
+    return jsonify(supervisor().get(session_id).to_json())
+
+
+@bp.delete("/sessions/<session_id>")
+@operation("delete-session", "Forget a session that is not running",
+           responses={200: "any", 400: ERROR, 401: None, 404: ERROR})
+def delete_session(session_id):
+    supervisor().delete(session_id)
+    return null()
+
+
+@bp.post("/sessions/<session_id>/start")
+@operation("start-session", "Start the kernel; answers with its kernel_info content",
+           responses={200: "object", 401: None, 404: ERROR, 500: "startupError"})
+def start_session(session_id):
+    return jsonify(supervisor().get(session_id).start())
+
+
+@bp.post("/sessions/<session_id>/restart")
+@operation("restart-session", "Restart the kernel, optionally in a new directory or environment",
+           body="restartSession", responses={200: "any", 401: None, 404: ERROR, 500: "startupError"})
+def restart_session(session_id):
+    session = supervisor().get(session_id)
+    try:
+        options = load_body("restartSession", required=False)
+    except ApiError:
+        options = {}  # as Kallichore: an unusable restart body means "no options"
+    session.restart(options.get("working_directory") or None, options.get("env") or None)
+    return null()
+
+
+@bp.post("/sessions/<session_id>/kill")
+@operation("kill-session", "Kill the kernel's whole process tree",
+           responses={200: "any", 400: ERROR, 401: None, 404: ERROR})
+def kill_session(session_id):
+    supervisor().get(session_id).kill()
+    return null()
+
+
+@bp.put("/sessions/<session_id>/adopt")
+@operation("adopt-session", "Take over a kernel started elsewhere", body="connectionInfo", body_required=True,
+           responses={200: "object", 400: ERROR, 401: None, 404: ERROR, 500: ERROR})
+def adopt_session(session_id):
+    session = supervisor().get(session_id)
+    return jsonify(session.adopt(load_body("connectionInfo")))
+
+
+@bp.get("/sessions/<session_id>/connection_info")
+@operation("connection-info", "The kernel's ZeroMQ connection info",
+           responses={200: "connectionInfo", 401: None, 404: ERROR, 500: ERROR})
+def connection_info(session_id):
+    return jsonify(supervisor().get(session_id).connection_info())
+
+
+@bp.post("/sessions/<session_id>/interrupt")
+@operation("interrupt-session", "Interrupt the kernel", responses={200: "any", 400: ERROR, 401: None,
+                                                                   404: ERROR})
+def interrupt_session(session_id):
+    supervisor().get(session_id).interrupt()
+    return null()
+
+
+@bp.get("/sessions/<session_id>/channels", websocket=True)  # the upgrade (werkzeug routes it apart)
+@bp.get("/sessions/<session_id>/channels")
+@operation("channels-upgrade", "Open the session's channel (WebSocket upgrade, or the path of its socket)",
+           responses={200: "string", 400: ERROR, 401: None, 404: ERROR})
+def channels_upgrade(session_id):
+    sup = supervisor()
+    session = sup.get(session_id)
+    if sup.channel_endpoint is not None:
+        return jsonify(sup.channel_path(session))
+    return serve_channel(sup, session, request.environ)
+
+
+# -- server -----------------------------------------------------------------------------
+
+
+@bp.post("/shutdown")
+@operation("shutdown-server", "Shut the server down (kernels first)", responses={200: "any", 400: ERROR,
+                                                                                 401: None})
+def shutdown_server():
+    supervisor().request_shutdown()
+    return null()
+
+
+@bp.get("/status")
+@operation("server-status", "Server status (no token needed)", responses={200: "serverStatus", 400: ERROR},
+           auth=False)
+def server_status():
+    return jsonify(supervisor().status())
+
+
+@bp.post("/client_heartbeat")
+@operation("client-heartbeat", "A client says it is alive", body="clientHeartbeat", body_required=True,
+           responses={200: "any", 400: ERROR, 401: None})
+def client_heartbeat():
+    body = load_body("clientHeartbeat")
+    supervisor().heartbeat(body.get("process_id"))
+    return null()
+
+
+@bp.get("/server_configuration")
+@operation("get-server-configuration", "Current server configuration",
+           responses={200: "serverConfiguration", 400: ERROR, 401: None})
+def get_server_configuration():
+    return jsonify(supervisor().get_configuration())
+
+
+@bp.post("/server_configuration")
+@operation("set-server-configuration", "Change parts of the server configuration",
+           body="serverConfiguration", body_required=True, responses={200: "any", 400: ERROR, 401: None})
+def set_server_configuration():
+    supervisor().set_configuration(load_body("serverConfiguration"))
+    return null()
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(render_openapi(current_app, bp.name))

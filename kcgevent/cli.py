@@ -1,0 +1,88 @@
+"""Command line: `python -m kcgevent [serve flags]`, plus small client commands.
+
+With no subcommand the arguments are kcserver's (so existing launchers work
+unchanged); `run` and `sessions` are client commands for people and scripts.
+"""
+import logging
+import sys
+
+import argh
+
+from .config import ServerConfig, VERSION
+from .server import Server, ServerError
+
+LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+              "warn": logging.WARNING, "error": logging.ERROR}
+
+
+def setup_logging(level_name, log_file):
+    """Warnings and errors to stderr, the rest to stdout; everything to --log-file too."""
+    level_name = level_name or "info"
+    if level_name not in LOG_LEVELS:
+        print(f"Invalid log level '{level_name}'; using 'info'")
+        level_name = "info"
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(LOG_LEVELS[level_name])
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    handlers = [out, err]
+    if log_file:
+        try:
+            handlers.append(logging.FileHandler(log_file, mode="w"))
+        except OSError as exc:
+            raise ServerError(f"Cannot write the log file {log_file}: {exc.strerror}") from None
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+@argh.arg("-p", "--port", type=int, help="TCP port on 127.0.0.1 (0: any free port; tcp transport only)")
+@argh.arg("-t", "--token", help="file holding the bearer token (deleted after reading), or 'none' for no auth")
+@argh.arg("--log-file", help="also write the log to this file")
+@argh.arg("--connection-file", help="write how to reach the server (JSON) to this file")
+@argh.arg("--handshake-socket", help="send the connection details to this client-owned socket")
+@argh.arg("-i", "--idle-shutdown-hours", type=int, help="exit after this many idle hours (0: 30 seconds)")
+@argh.arg("-r", "--resource-sample-interval", type=int, help="resource sampling interval in ms (0: off)")
+@argh.arg("-l", "--log-level", help="trace, debug, info, warn or error")
+@argh.arg("--transport", help="tcp, socket (Unix) or named-pipe (Windows)")
+@argh.arg("--socket-dir", help="directory for the Unix sockets we create")
+@argh.arg("--unix-socket", help="serve HTTP on this Unix socket path")
+@argh.arg("--buffer-limit", type=int, help="frames kept per session for clients that are away")
+@argh.arg("--shutdown-timeout", type=float, help="seconds kernels get to exit at shutdown before being killed")
+def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
+          idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
+          socket_dir=None, unix_socket=None, buffer_limit=100_000, shutdown_timeout=5.0, version=False):
+    """Run the kernel supervisor server."""
+    if version:
+        print(f"kcgevent {VERSION}")
+        return
+    config = ServerConfig(idle_shutdown_hours=idle_shutdown_hours,
+                          resource_sample_interval_ms=max(0, resource_sample_interval),
+                          log_level=log_level, buffer_limit=buffer_limit, shutdown_timeout=shutdown_timeout,
+                          socket_dir=socket_dir)
+    try:
+        server = Server(transport=transport, port=port, token=token, unix_socket=unix_socket,
+                        socket_dir=socket_dir, connection_file=connection_file,
+                        handshake_socket=handshake_socket, log_file=log_file, config=config)
+        setup_logging(log_level, log_file)
+        server.run()
+    except ServerError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    from .newcomer import run, sessions
+    if argv and argv[0] in ("run", "sessions"):
+        parser = argh.ArghParser(prog="kcgevent")
+        parser.add_commands([run, sessions])
+        parser.dispatch(argv)
+    else:
+        parser = argh.ArghParser(prog="kcgevent", description="A durable supervisor for Jupyter kernels. "
+                                 "Client commands: 'kcgevent run --help', 'kcgevent sessions --help'.")
+        parser.set_default_command(serve)
+        parser.dispatch(argv)

@@ -1,0 +1,134 @@
+"""Client commands for people and scripts: `run` code in a fresh kernel, list `sessions`.
+
+`kcgevent run -c 'print(1+1)'` starts a private server (unless given one),
+starts a Python kernel through it, runs the code, prints what the kernel
+printed and shuts everything down again: a one-line check that all works.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import argh
+
+from .client import Client, execute_request, python_kernel_session
+
+
+class PrivateServer:
+    """A kcgevent server in a child process, for the duration of one command."""
+
+    def __init__(self, transport, timeout):
+        self.dir = tempfile.mkdtemp(prefix="kcgevent-run-")
+        self.connection_file = os.path.join(self.dir, "connection.json")
+        cmd = [sys.executable, "-m", "kcgevent", "--connection-file", self.connection_file,
+               "--transport", transport, "--log-level", "warn", "--socket-dir", self.dir]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.connection_file):
+            if self.process.poll() is not None:
+                raise SystemExit(f"the server exited with code {self.process.returncode} before it was ready")
+            if time.monotonic() > deadline:
+                self.close()
+                raise SystemExit(f"the server did not start within {timeout} s")
+            time.sleep(0.05)
+        with open(self.connection_file) as f:
+            self.info = json.load(f)
+
+    def close(self, client=None):
+        if client is not None and self.process.poll() is None:
+            try:
+                client.request("POST", "/shutdown", timeout=5)
+            except OSError:
+                pass
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+        for name in os.listdir(self.dir):
+            os.unlink(os.path.join(self.dir, name))
+        os.rmdir(self.dir)
+
+
+def print_output(frame):
+    """Print one relayed kernel message the way a console would; True if it was an error."""
+    msg_type = frame["header"]["msg_type"]
+    content = frame["content"]
+    if msg_type == "stream":
+        stream = sys.stderr if content.get("name") == "stderr" else sys.stdout
+        stream.write(content.get("text", ""))
+        stream.flush()
+    elif msg_type in ("execute_result", "display_data"):
+        print(content.get("data", {}).get("text/plain", ""))
+    elif msg_type == "error":
+        print("\n".join(content.get("traceback") or [f"{content.get('ename')}: {content.get('evalue')}"]),
+              file=sys.stderr)
+        return True
+    return False
+
+
+def run_code(client, code, python, timeout):
+    """Run `code` in a new session of `client`'s server; the process exit status."""
+    session_id = f"run-{uuid.uuid4().hex[:8]}"
+    client.call("PUT", "/sessions", python_kernel_session(session_id, python, working_directory=os.getcwd()))
+    try:
+        client.call("POST", f"/sessions/{session_id}/start", timeout=timeout)
+        ws = client.open_channel(session_id, timeout=timeout)
+        try:
+            request = execute_request(code)
+            ws.send(json.dumps(request))
+            failed, replied, idle = False, False, False
+            deadline = time.monotonic() + timeout
+            while not (replied and idle):
+                if time.monotonic() > deadline:
+                    print(f"no reply within {timeout} s", file=sys.stderr)
+                    return 1
+                frame = json.loads(ws.recv())
+                if frame.get("kind") != "jupyter" or (frame.get("parent_header") or {}).get("msg_id") != \
+                        request["header"]["msg_id"]:
+                    continue
+                failed |= print_output(frame)
+                msg_type = frame["header"]["msg_type"]
+                replied |= msg_type == "execute_reply"
+                idle |= msg_type == "status" and frame["content"].get("execution_state") == "idle"
+            return 1 if failed else 0
+        finally:
+            ws.close()
+    finally:
+        client.request("POST", f"/sessions/{session_id}/kill")
+        client.request("DELETE", f"/sessions/{session_id}")
+
+
+def load_connection_file(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@argh.arg("-c", "--code", help="the code to run", required=True)
+@argh.arg("--connection-file", help="use the server described by this file (default: start a private one)")
+@argh.arg("--transport", help="transport of the private server: tcp or socket")
+@argh.arg("--python", help="the Python that runs the kernel (needs ipykernel)")
+@argh.arg("--timeout", type=float, help="seconds to wait for each step")
+def run(code=None, connection_file=None, transport="tcp", python=sys.executable, timeout=60.0):
+    """Run code in a fresh Python kernel and print its output."""
+    if connection_file:
+        sys.exit(run_code(Client(load_connection_file(connection_file)), code, python, timeout))
+    server = PrivateServer(transport, timeout)
+    client = Client(server.info)
+    try:
+        client.wait_ready(timeout)
+        status = run_code(client, code, python, timeout)
+    finally:
+        server.close(client)
+    sys.exit(status)
+
+
+@argh.arg("--connection-file", help="the server's connection file", required=True)
+def sessions(connection_file=None):
+    """List a server's sessions: id, status, language, connected."""
+    listing = Client(load_connection_file(connection_file)).call("GET", "/sessions")
+    for s in listing["sessions"]:
+        print(f"{s['session_id']}\t{s['status']}\t{s['language']}\t{'connected' if s['connected'] else '-'}")

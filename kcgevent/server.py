@@ -1,0 +1,136 @@
+"""Running the standalone server: listener, token, app, discovery, signals.
+
+The order follows kcserver: validate, bind, print where we listen, settle the
+token, announce (connection file / handshake socket), serve until shutdown.
+Validation errors raise `ServerError`, which the CLI prints as one line and
+exits 1 on, before anything is written.
+"""
+import logging
+import os
+import secrets
+import signal
+import sys
+
+import gevent
+from gevent.event import Event
+
+from . import announce
+from .api.channels import session_channel_app
+from .app import create_app
+from .config import VERSION, ServerConfig
+from .transports import TransportError, open_listener, session_channels
+from .transports.select import choose_transport
+
+log = logging.getLogger("kcgevent")
+
+BANNER = f"kcgevent: a Jupyter Kernel supervisor. Version {VERSION}."
+
+
+class ServerError(Exception):
+    """A problem with the command line or the environment: print it and exit 1."""
+
+
+def read_token(token_arg):
+    """None for `none`; else the token in FILE (which is then deleted); else a new one."""
+    if token_arg is None:
+        return secrets.token_hex(8), True
+    if token_arg == "none":
+        return None, False
+    try:
+        with open(token_arg) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ServerError(f"Cannot read the token file {token_arg}: {exc.strerror}") from None
+    if not token or len(token) > 64:
+        raise ServerError(f"The token in {token_arg} must be 1 to 64 characters (got {len(token)})")
+    try:
+        os.unlink(token_arg)
+    except OSError as exc:
+        log.warning("Could not delete the token file %s: %s", token_arg, exc)
+    return token, False
+
+
+class Server:
+    """One kcgevent server process: call `run()`; it returns when the server has shut down."""
+
+    def __init__(self, *, transport=None, port=0, token=None, unix_socket=None, socket_dir=None,
+                 connection_file=None, handshake_socket=None, log_file=None, config=None):
+        try:
+            self.transport = choose_transport(transport, unix_socket, connection_file, port)
+        except TransportError as exc:
+            raise ServerError(str(exc)) from None
+        self.port = port
+        self.token_arg = token
+        self.unix_socket = unix_socket
+        self.socket_dir = socket_dir
+        self.connection_file = connection_file
+        self.handshake_socket = handshake_socket
+        self.log_file = log_file
+        self.config = config or ServerConfig()
+        self.stopped = Event()
+        self.listener = None
+        self.wsgi = None
+
+    def run(self):
+        try:
+            self.listener = open_listener(self.transport, port=self.port, unix_socket=self.unix_socket,
+                                          socket_dir=self.socket_dir, pid=os.getpid())
+        except TransportError as exc:
+            raise ServerError(f"Failed to create transport: {exc}") from None
+        print(self.listener.listening_line(), flush=True)
+        token, generated = read_token(self.token_arg)
+        if token is None:
+            log.warning("Authentication is disabled (--token none): anyone who can reach the server can run code")
+        elif generated and not (self.connection_file or self.handshake_socket):
+            log.info("Generated random auth token: %s", token)
+        self.config.token = token
+        self.config.transport = self.transport
+        app = create_app(self.config)
+        supervisor = app.extensions["kcgevent"]
+        self._wire_session_endpoints(supervisor)
+        supervisor.on_shutdown.append(self._stop)
+        self.wsgi = self.listener.wsgi_server(app, log=None, error_log=log)
+        self.wsgi.start()
+        print(BANNER, flush=True)
+        self._announce(supervisor, token)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            gevent.signal_handler(sig, supervisor.request_shutdown)
+        supervisor.start_background()
+        self.stopped.wait()
+        log.info("Server stopped")
+
+    def _wire_session_endpoints(self, supervisor):
+        """Per-session channel listeners for the socket and named-pipe transports."""
+        sockets = session_channels(self.transport, socket_dir=self.socket_dir, pid=os.getpid(),
+                                   log=None, error_log=log)
+        if sockets is None:
+            return  # tcp: channels are WebSocket upgrades on the main port
+        supervisor.session_sockets = sockets
+
+        def endpoint(session):
+            path = sockets.open(session.session_id, session_channel_app(supervisor, session.session_id))
+            session.socket_path = path
+            return path
+
+        supervisor.channel_endpoint = endpoint
+
+    def _announce(self, supervisor, token):
+        info = announce.connection_info(self.listener, server_path=os.path.abspath(sys.argv[0]),
+                                        server_pid=os.getpid(), bearer_token=token,
+                                        log_path=self.log_file, server_id=supervisor.server_id)
+        try:
+            if self.connection_file:
+                announce.write_connection_file(self.connection_file, info)
+                log.info("Wrote connection details to %s", self.connection_file)
+            if self.handshake_socket:
+                announce.send_handshake(self.handshake_socket, info)
+        except (OSError, announce.AnnounceError) as exc:
+            self._stop()
+            raise ServerError(f"Could not announce the server: {exc}") from None
+
+    def _stop(self):
+        if self.wsgi is not None:
+            self.wsgi.stop(timeout=1)
+        if self.listener is not None:
+            self.listener.close()
+        self.stopped.set()

@@ -1,0 +1,278 @@
+"""The client side of a session: an ordered outbound log and at most one client.
+
+Everything a session says (kernel messages and supervisor events) is appended
+to one log with increasing sequence numbers. A writer greenlet per attached
+client sends from its cursor, many frames per write. Because the log outlives
+connections, nothing is lost when the client goes away:
+
+- while no client is attached, frames wait in the log;
+- on handover (a second client connects) the old writer stops at a frame
+  boundary, the old client gets `clientDisconnected` and a Close, and the new
+  client starts exactly where the old one stopped;
+- when a connection drops, frames the peer's TCP never acknowledged
+  (`TIOCOUTQ`, Linux) are sent again to the next client;
+- a client that says where it is (`?after=N`, N = the last `seq` it
+  processed) gets `seq` in every frame and resumes exactly after N: this is
+  the exactly-once path, for clients that can use it.
+
+The log is bounded (`limit` frames). Frames already sent go first; if unsent
+frames must be dropped, the next client is told with a `messagesDropped`
+event naming the sequence range.
+"""
+import fcntl
+import logging
+import struct
+import termios
+
+import gevent
+from gevent.event import Event
+
+from .wire import kernel_event
+from ..websocket import ConnectionClosed
+
+log = logging.getLogger(__name__)
+
+BATCH_FRAMES = 512
+BATCH_BYTES = 1 << 20
+PING_INTERVAL = 10.0
+HANDOVER_TIMEOUT = 2.0
+DISCONNECT_REASON = "Another client is connecting to this session."
+
+
+def unacked_bytes(sock):
+    """Bytes written to `sock` that its peer has not acknowledged (0 if unknown)."""
+    try:
+        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return struct.unpack("i", buf)[0]
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+class OutboundLog:
+    """Frames with sequence numbers; the oldest are forgotten past `limit`."""
+
+    def __init__(self, limit):
+        self.limit = max(1, limit)
+        self._frames = []
+        self._first_seq = 1
+        self.changed = Event()
+
+    @property
+    def next_seq(self):
+        return self._first_seq + len(self._frames)
+
+    @property
+    def first_seq(self):
+        return self._first_seq
+
+    def append(self, frame):
+        self._frames.append(frame)
+        self.changed.set()
+
+    def read(self, seq, max_frames=BATCH_FRAMES, max_bytes=BATCH_BYTES):
+        """Frames from `seq` on (a batch), as a list of (seq, frame)."""
+        start = max(seq, self._first_seq) - self._first_seq
+        out, size = [], 0
+        for i in range(start, min(len(self._frames), start + max_frames)):
+            frame = self._frames[i]
+            out.append((self._first_seq + i, frame))
+            size += len(frame)
+            if size >= max_bytes:
+                break
+        return out
+
+    def trim(self, keep_from):
+        """Forget frames before `keep_from`, then enforce the limit; return the seqs forced out."""
+        keep_from = min(keep_from, self.next_seq)
+        if keep_from > self._first_seq and len(self._frames) > self.limit:
+            cut = min(keep_from - self._first_seq, len(self._frames) - self.limit)
+            del self._frames[:cut]
+            self._first_seq += cut
+        lost = None
+        overflow = len(self._frames) - self.limit
+        if overflow > 0:
+            lost = (self._first_seq, self._first_seq + overflow - 1)
+            del self._frames[:overflow]
+            self._first_seq += overflow
+        return lost
+
+
+class Client:
+    """One attached WebSocket and the greenlet that writes the log to it."""
+
+    def __init__(self, channel, ws, cursor, with_seq):
+        self.channel = channel
+        self.ws = ws
+        self.cursor = cursor
+        self.with_seq = with_seq
+        self.sent = []  # (seq, end byte offset) of frames in flight, for TIOCOUTQ
+        self.bytes_sent = 0
+        self.stopping = False
+        self.writer = None
+        self.pinger = None
+
+    def run_writer(self):
+        log_ = self.channel.log
+        try:
+            while not self.stopping:
+                batch = log_.read(self.cursor)
+                if not batch:
+                    log_.changed.clear()
+                    log_.changed.wait()
+                    continue
+                self._send(batch)
+                self.channel.on_progress()
+        except ConnectionClosed:
+            pass
+        except gevent.GreenletExit:
+            raise
+
+    def _send(self, batch):
+        payloads = []
+        for seq, frame in batch:
+            if self.with_seq:
+                frame = frame[:-1] + b',"seq":%d}' % seq
+            payloads.append(frame)
+            self.bytes_sent += len(frame) + (2 if len(frame) < 126 else 4 if len(frame) < 65536 else 10)
+            self.sent.append((seq, self.bytes_sent))
+        self.ws.send_frames(payloads)
+        self.cursor = batch[-1][0] + 1
+        if len(self.sent) > 4 * BATCH_FRAMES:
+            del self.sent[: len(self.sent) - 2 * BATCH_FRAMES]
+
+    def run_pinger(self):
+        try:
+            while not self.ws.closed:
+                if not self.ws.ping():
+                    log.warning("session %s: client stopped answering pings; dropping it", self.channel.session_id)
+                    self.ws.shutdown()
+                    return
+                gevent.sleep(self.channel.ping_interval)
+        except ConnectionClosed:
+            pass
+
+    def first_unacknowledged(self):
+        """The first seq the peer's TCP did not acknowledge (the cursor if all were)."""
+        pending = unacked_bytes(self.ws.sock)
+        if pending <= 0:
+            return self.cursor
+        acked_upto = self.bytes_sent - pending
+        for seq, end in self.sent:
+            if end > acked_upto:
+                return seq
+        return self.cursor
+
+
+class Channel:
+    """The session's outbound log plus the currently attached client, if any."""
+
+    def __init__(self, session_id, limit, ping_interval=PING_INTERVAL):
+        self.session_id = session_id
+        self.log = OutboundLog(limit)
+        self.ping_interval = ping_interval
+        self.client = None
+        self.cursor = 1  # where the next client without `after` starts
+        self.on_connect_change = None  # callback(connected: bool)
+        self._lost = None
+
+    @property
+    def connected(self):
+        return self.client is not None
+
+    def publish(self, frame):
+        self.log.append(frame)
+        if len(self.log._frames) > self.log.limit:
+            self._trim()
+
+    def event(self, name, payload):
+        self.publish(kernel_event(name, payload))
+
+    def on_progress(self):
+        if len(self.log._frames) > self.log.limit:
+            self._trim()
+
+    def _trim(self):
+        keep = self.client.cursor if self.client else self.cursor
+        lost = self.log.trim(keep)
+        if lost:
+            first = lost[0] if self._lost is None else self._lost[0]
+            self._lost = (first, lost[1])
+            if self.client:
+                self.client.cursor = max(self.client.cursor, self.log.first_seq)
+            self.cursor = max(self.cursor, self.log.first_seq)
+
+    def _drop_notice(self):
+        """A `messagesDropped` frame for the gap, sent ahead of the log (then forgotten)."""
+        first, last = self._lost
+        self._lost = None
+        return kernel_event("messagesDropped", {"count": last - first + 1, "first_seq": first, "last_seq": last})
+
+    def attach(self, ws, after=None):
+        """Make `ws` the session's client, replacing (and notifying) any current one."""
+        old = self.client
+        if old is not None:
+            self._hand_over(old)
+        cursor = self.cursor if after is None else max(int(after) + 1, 1)
+        notices = []
+        if after is not None and cursor < self.log.first_seq:
+            notices.append(kernel_event("messagesDropped", {
+                "count": self.log.first_seq - cursor, "first_seq": cursor, "last_seq": self.log.first_seq - 1}))
+            cursor = self.log.first_seq
+        elif self._lost is not None:
+            notices.append(self._drop_notice())
+        cursor = min(cursor, self.log.next_seq)
+        if notices:
+            ws.send_frames(notices)
+        client = Client(self, ws, cursor, with_seq=after is not None)
+        self.client = client
+        client.writer = gevent.spawn(client.run_writer)
+        client.pinger = gevent.spawn(client.run_pinger)
+        if self.on_connect_change:
+            self.on_connect_change(True)
+        return client
+
+    def _hand_over(self, old):
+        """Stop the old writer at a frame boundary, then tell the old client it was replaced."""
+        old.stopping = True
+        self.log.changed.set()
+        finished = old.writer.join(HANDOVER_TIMEOUT) is not None or old.writer.dead
+        if not old.writer.dead:
+            old.writer.kill(block=True, timeout=1)
+        self.cursor = old.cursor if finished else old.first_unacknowledged()
+        try:
+            with gevent.Timeout(HANDOVER_TIMEOUT):
+                old.ws.send(kernel_event("clientDisconnected", DISCONNECT_REASON))
+        except (ConnectionClosed, gevent.Timeout):
+            pass
+        old.ws.close(1000, "replaced by another client")
+        self._stop(old)
+
+    def detach(self, client):
+        """`client`'s connection ended (closed, dropped or timed out)."""
+        if self.client is not client:
+            return  # already replaced; the handover settled its cursor
+        client.stopping = True
+        self.log.changed.set()
+        client.writer.kill(block=True, timeout=1)
+        self.cursor = client.first_unacknowledged()
+        client.ws.shutdown()
+        self._stop(client)
+        self.client = None
+        if self.on_connect_change:
+            self.on_connect_change(False)
+
+    def _stop(self, client):
+        if client.pinger is not None:
+            client.pinger.kill(block=False)
+
+    def close(self):
+        """The session is going away: close any client."""
+        client = self.client
+        if client is not None:
+            client.stopping = True
+            self.log.changed.set()
+            client.writer.join(HANDOVER_TIMEOUT)
+            client.writer.kill(block=True, timeout=1)
+            client.ws.close(1001, "session deleted")
+            self._stop(client)
+            self.client = None

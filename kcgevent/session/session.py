@@ -1,0 +1,491 @@
+"""KernelSession: one kernel's lifecycle, and the relay between it and its client.
+
+Verbs (start, restart, interrupt, kill, adopt) are called from HTTP request
+greenlets; kernel messages arrive on the connection's pump greenlet; client
+frames on the client's reader greenlet. All of them share this object, and
+since greenlets only switch at I/O, each handler runs to its next I/O
+without interference.
+"""
+import logging
+import os
+import secrets
+import socket
+import time
+from datetime import datetime, timezone
+
+import gevent
+import psutil
+
+from ..errors import ApiError, KsError, StartupError
+from . import process as proc_mod
+from . import wire
+from .channel import Channel
+from .execution_queue import ExecutionQueue
+from .handshake import HandshakeFailed, Registration, wants_handshake
+from .kernel import KernelConnectError, KernelConnection
+
+log = logging.getLogger(__name__)
+
+RUNNING = ("starting", "ready", "idle", "busy", "offline")
+
+
+def free_ports(n):
+    """`n` distinct free TCP ports on 127.0.0.1 (bound, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def rfc3339(ts):
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class KernelSession:
+    """A session as created by `PUT /sessions`, and the kernel it runs."""
+
+    def __init__(self, spec, supervisor):
+        self.spec = spec
+        self.session_id = spec["session_id"]
+        self.supervisor = supervisor
+        config = supervisor.config
+        self.key = secrets.token_hex(16)
+        self.env_actions = list(spec.get("env") or [])
+        self.working_directory = spec.get("working_directory", "")
+        self.input_prompt = spec.get("input_prompt", "")
+        self.continuation_prompt = spec.get("continuation_prompt", "")
+        self.protocol_version = spec.get("protocol_version") or "5.3"
+        self.created = time.time()
+        self.status = "uninitialized"
+        self.status_reason = None
+        self.idle_since = time.monotonic()
+        self.busy_since = None
+        self.kernel_info = {}
+        self.initial_env = {}
+        self.connection_info_ = None
+        self.process = None
+        self.connection = None
+        self.resource_usage = None
+        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval)
+        self.channel.on_connect_change = self._on_connect_change
+        self.queue = ExecutionQueue()
+        self.socket_path = None
+        self._busy_verb = None  # "start" / "restart" while one is under way
+        self._held = []  # client messages that arrived while a start was under way
+        self._exit_token = None
+
+    # -- status -------------------------------------------------------------
+
+    def set_status(self, status, reason=None):
+        if status == self.status:
+            return
+        self.status = status
+        self.status_reason = reason
+        now = time.monotonic()
+        self.idle_since = now if status in ("idle", "ready", "exited", "uninitialized") else None
+        self.busy_since = now if status == "busy" else None
+        if status == "exited":
+            self.queue.clear()
+        self.channel.event("status", {"status": status, "reason": reason})
+        self.supervisor.on_session_status(self, status)
+
+    @property
+    def running(self):
+        return self.status in RUNNING
+
+    def _on_connect_change(self, connected):
+        self.supervisor.nudge()
+
+    # -- start ----------------------------------------------------------------
+
+    def start(self):
+        """Spawn the kernel and return its kernel_info reply content."""
+        if self._busy_verb or self.running:
+            raise StartupError(KsError("StartFailed", f"Failed to start kernel: session {self.session_id} is "
+                                       f"already {self._busy_verb + 'ing' if self._busy_verb else self.status}",
+                                       status=500))
+        self._busy_verb = "start"
+        try:
+            return self._start()
+        finally:
+            self._busy_verb = None
+
+    def _start(self):
+        argv = list(self.spec.get("argv") or [])
+        if not argv:
+            raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: "
+                                       "No arguments provided", status=500))
+        self.set_status("starting", "start API called")
+        registration = None
+        if wants_handshake(self.protocol_version):
+            registration = Registration(self.supervisor.zmq_context, self.key)
+            conn_file = self.supervisor.write_kernel_file(self.session_id, "registration",
+                                                          registration.file_content())
+        else:
+            self.connection_info_ = self._new_connection_info()
+            conn_file = self.supervisor.write_kernel_file(self.session_id, "connection", self.connection_info_)
+        try:
+            process = self._spawn(proc_mod.substitute_argv(argv, conn_file))
+        except StartupError:
+            if registration is not None:
+                registration.socket.close(0)
+            raise
+        self.process = process
+        return self._connect_started(process, registration)
+
+    def _spawn(self, argv):
+        env = proc_mod.resolve_env(self.env_actions)
+        if os.name == "nt":
+            env.update(self.supervisor.windows_kernel_env(self))
+        self.initial_env = env
+        try:
+            plan = proc_mod.plan_startup(argv, env, self.working_directory,
+                                         self.spec.get("startup_environment", "none"),
+                                         self.spec.get("startup_environment_arg"))
+        except proc_mod.StartupScriptError as exc:
+            self.set_status("exited", "startup script not found")
+            raise StartupError(KsError("ProcessStartFailed", str(exc), status=500)) from None
+        token = self._exit_token = object()
+        try:
+            return proc_mod.KernelProcess.spawn(plan, self._on_output,
+                                                on_exit=lambda code: self._on_exit(token, code))
+        except proc_mod.SpawnError as exc:
+            self.set_status("exited", f"failed to spawn process: {exc}")
+            raise StartupError(KsError("ProcessStartFailed", f"Failed to start process for session: {exc}",
+                                       status=500), exit_code=exc.errno) from None
+
+    def _new_connection_info(self):
+        ports = free_ports(5)
+        return {"control_port": ports[0], "shell_port": ports[1], "stdin_port": ports[2], "hb_port": ports[3],
+                "iopub_port": ports[4], "signature_scheme": "hmac-sha256", "key": self.key,
+                "transport": "tcp", "ip": "127.0.0.1"}
+
+    def _connect_started(self, process, registration):
+        """Handshake (JEP 66), connect and kernel_info; on failure kill what we spawned."""
+        timeout = float(self.spec.get("connection_timeout") or 30)
+
+        def exited():
+            return "The kernel exited before a connection could be established" if process.exited.is_set() else None
+
+        phase = "handshake" if registration else "connect"
+        try:
+            if registration is not None:
+                ports = registration.wait(timeout, exited)
+                self.connection_info_ = {**ports, "signature_scheme": "hmac-sha256", "key": self.key,
+                                         "transport": "tcp", "ip": "127.0.0.1"}
+                self.channel.event("handshakeCompleted", [self.session_id, self.connection_info_])
+                phase = "connect"
+            return self._connect(self.connection_info_, timeout, exited)
+        except (HandshakeFailed, KernelConnectError) as exc:
+            raise self._startup_failure(process, phase, exc) from None
+
+    def _startup_failure(self, process, phase, exc):
+        process.kill_tree()
+        process.exited.wait(5)
+        output = process.startup_output()
+        if exc.kind == "aborted":
+            code = process.exit_code
+            if phase == "handshake":
+                error = KsError("ExitedBeforeConnection", str(exc), details=process.describe_failure("exit"))
+            else:
+                error = KsError("ProcessAbnormalExit", f"The process exited abnormally (exit status: {code})",
+                                details=process.describe_failure("exit"))
+            return StartupError(error, exit_code=code, output=output)
+        if phase == "handshake":
+            error = KsError("HandshakeFailed", f"JEP 66 handshake failed for session {self.session_id}: {exc}",
+                            details=process.describe_failure("connect"))
+        elif exc.kind == "timeout":
+            error = KsError("SessionConnectionTimeout", str(exc), details=process.describe_failure("connect"))
+        else:
+            error = KsError("SessionConnectionFailed", f"Failed to connect to session's ZeroMQ sockets: {exc}",
+                            details=process.describe_failure("connect"))
+        return StartupError(error, exit_code=process.exit_code, output=output)
+
+    def _connect(self, info, timeout, should_abort):
+        """Connect ZeroMQ, wait for kernel_info with a live iopub, then start relaying."""
+        conn = KernelConnection(self.supervisor.zmq_context, info, self.session_id,
+                                self.spec.get("username", ""), self.protocol_version)
+        early = []
+        try:
+            conn.connect()
+            reply = conn.kernel_info(timeout, should_abort, lambda msg, raw: early.append((msg, raw)))
+        except BaseException:
+            conn.close()
+            raise
+        self.connection = conn
+        self.kernel_info = reply or {}
+        self._adopt_prompts(self.kernel_info)
+        for msg, raw in early:
+            self._on_kernel_message(msg, raw)
+        conn.start_pump(self._on_kernel_message)
+        config = self.supervisor.config
+        conn.start_heartbeat(self._on_heartbeat, config.heartbeat_interval, config.heartbeat_timeout)
+        self.set_status("idle", "kernel_info_reply")
+        self._flush_held()
+        return self.kernel_info
+
+    def _adopt_prompts(self, info):
+        positron = (info.get("language_info") or {}).get("positron") or {}
+        self.input_prompt = positron.get("input_prompt", self.input_prompt)
+        self.continuation_prompt = positron.get("continuation_prompt", self.continuation_prompt)
+
+    # -- process events -------------------------------------------------------------
+
+    def _on_output(self, stream, line):
+        self.channel.event("output", [stream, line])
+
+    def _on_exit(self, token, code):
+        """The kernel process exited (called once per process, after its output)."""
+        if token is not self._exit_token:
+            return  # an earlier kernel of this session
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        self.set_status("exited", "child process exited")
+        self.channel.event("exited", code)
+        self.supervisor.remove_kernel_files(self.session_id)
+
+    def _on_heartbeat(self, alive):
+        if not alive and self.status != "exited":
+            self.set_status("offline", "lost heartbeat")
+        elif alive and self.status == "offline":
+            self.set_status("idle", "heartbeat detected after offline")
+
+    # -- the relay ------------------------------------------------------------------
+
+    def _on_kernel_message(self, msg, header_raw):
+        if msg.channel == "iopub" and msg.msg_type == "status":
+            state = msg.content.get("execution_state")
+            if state in ("busy", "idle"):
+                reason = msg.parent_msg_type
+                self.set_status(state, reason)
+                if state == "idle" and reason == "execute_request":
+                    self._check_working_directory()
+            self.channel.publish(msg.envelope(header_raw))
+            if state == "idle":
+                self._release_next(msg.parent_msg_id)
+            return
+        self.channel.publish(msg.envelope(header_raw))
+        if msg.msg_type == "execute_reply":
+            self._release_next(msg.parent_msg_id)
+
+    def _release_next(self, finished_msg_id):
+        nxt = self.queue.finished(finished_msg_id)
+        if nxt is not None:
+            self._send(nxt)
+
+    def handle_client_frame(self, text):
+        """One frame from the client; returns an error frame for the client, or None."""
+        try:
+            msg = wire.parse_client_frame(text)
+        except wire.WireError as exc:
+            return wire.kernel_event("error", {"code": "invalid_message", "message": str(exc)})
+        if self.connection is None:
+            if self._busy_verb:
+                self._held.append(msg)  # delivered once the kernel is connected
+                return None
+            return wire.kernel_event("error", {"code": "kernel_not_running",
+                                               "message": f"Message {msg.msg_id} ({msg.msg_type}) was not "
+                                               f"delivered: the kernel is {self.status}"})
+        self._deliver(msg)
+        return None
+
+    def _deliver(self, msg):
+        """Send a client message, through the execution queue when it is code."""
+        if msg.msg_type == "execute_request" and isinstance(msg.content.get("code"), str):
+            if not self.queue.submit(msg):
+                self.channel.event("executionQueued", msg.msg_id)
+                return
+        elif msg.msg_type in ("interrupt_request", "shutdown_request"):
+            self.queue.clear_pending()
+        self._send(msg)
+
+    def _send(self, msg):
+        conn = self.connection
+        if conn is None:
+            return
+        conn.send(msg.channel, msg.msg_type, msg.content, msg_id=msg.msg_id, parent=msg.parent_header,
+                  metadata=msg.metadata, buffers=msg.buffers)
+
+    def _flush_held(self):
+        held, self._held = self._held, []
+        for msg in held:
+            self._deliver(msg)
+
+    def _check_working_directory(self):
+        """Emit workingDirChanged when the kernel's cwd moved (after an execute)."""
+        if self.process is None:
+            return
+        try:
+            cwd = psutil.Process(self.process.pid).cwd()
+        except (psutil.Error, OSError):
+            return
+        current = os.path.realpath(self.working_directory) if self.working_directory else ""
+        if cwd and cwd != current:
+            self.working_directory = cwd
+            self.channel.event("workingDirChanged", cwd)
+
+    # -- verbs ----------------------------------------------------------------------
+
+    def interrupt(self):
+        if self.spec.get("interrupt_mode", "message") == "signal":
+            if self.process is None or self.process.exited.is_set():
+                raise KsError("SessionInterruptFailed",
+                              f"Failed to interrupt session {self.session_id}: No process ID to interrupt")
+            self.supervisor.interrupt_process(self)
+        else:
+            if self.connection is None:
+                raise KsError("SessionInterruptFailed",
+                              f"Failed to interrupt session {self.session_id}: the kernel is {self.status}")
+            self.connection.send("control", "interrupt_request", {})
+        self.queue.clear_pending()
+
+    def kill(self):
+        if not self.running:
+            raise KsError("SessionNotRunning", f"Session {self.session_id} is not running")
+        self.queue.clear()
+        process = self.process
+        if process is None or process.exited.is_set():
+            raise KsError("NoProcess", f"There is no process associated with session {self.session_id} "
+                          "(has it exited?)")
+        process.kill_tree()
+        if not process.exited.wait(5):
+            raise KsError("ProcessNotFound", f"Can't find process {process.pid} for session {self.session_id}",
+                          details="the process did not exit after SIGKILL")
+
+    def restart(self, working_directory=None, env=None):
+        if self._busy_verb:
+            raise StartupError(KsError("RestartFailed", "Failed to restart kernel: Kernel is already "
+                                       f"{self._busy_verb}ing", status=500))
+        self._busy_verb = "restart"
+        try:
+            self._choose_working_directory(working_directory)
+            if env:
+                self.env_actions = list(env)
+            self._stop_for_restart()
+            self._start()
+        finally:
+            self._busy_verb = None
+
+    def _choose_working_directory(self, requested):
+        if requested:
+            path = os.path.realpath(os.path.expanduser(requested))
+            if os.path.isdir(path):
+                self.working_directory = path
+                return
+            log.warning("session %s: restart directory %r is not a directory; ignored", self.session_id, requested)
+        if self.process is not None and not self.process.exited.is_set():
+            try:
+                cwd = psutil.Process(self.process.pid).cwd()
+            except (psutil.Error, OSError):
+                return
+            if cwd and cwd != self.working_directory:
+                self.working_directory = cwd
+                self.channel.event("workingDirChanged", cwd)
+
+    def _stop_for_restart(self):
+        """Ask the kernel to shut down for a restart; kill it if it won't."""
+        self.queue.clear()
+        process = self.process
+        if process is not None and not process.exited.is_set():
+            if self.connection is not None:
+                self.connection.send("control", "shutdown_request", {"restart": True})
+            if not process.exited.wait(self.supervisor.config.shutdown_timeout):
+                process.kill_tree()
+                process.exited.wait(5)
+        elif self.connection is not None:  # an adopted kernel: we can only let go of it
+            self.connection.close()
+            self.connection = None
+
+    def request_shutdown(self):
+        """Ask a running kernel to exit (server shutdown); True if one was asked."""
+        if self.connection is not None:
+            try:
+                self.connection.send("control", "shutdown_request", {"restart": False})
+            except Exception:  # the socket may already be gone
+                log.debug("session %s: shutdown_request not sent", self.session_id, exc_info=True)
+            return True
+        return False
+
+    def terminate(self):
+        """Make sure nothing of this session outlives the server."""
+        if self.process is not None and not self.process.exited.is_set():
+            self.process.kill_tree()
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        self.channel.close()
+
+    def adopt(self, info):
+        """Take over a kernel someone else started (signing with *its* key)."""
+        if self.running or self._busy_verb:
+            raise ApiError(500, f"KS-{16}", f"Failed to adopt kernel: session {self.session_id} is already "
+                           f"{self.status}")
+        self._busy_verb = "adopt"
+        timeout = float(self.spec.get("connection_timeout") or 30)
+        self.set_status("starting", "adopt API called")
+        try:
+            reply = self._connect(dict(info), timeout, lambda: None)
+        except KernelConnectError as exc:
+            self.set_status("exited", "adopt failed")
+            variant = "SessionConnectionTimeout" if exc.kind == "timeout" else "SessionConnectionFailed"
+            message = str(exc) if exc.kind == "timeout" else f"Failed to connect to session's ZeroMQ sockets: {exc}"
+            raise KsError(variant, message, status=500) from None
+        finally:
+            self._busy_verb = None
+        self.connection_info_ = dict(info)
+        self.process = None
+        return reply
+
+    def connection_info(self):
+        if self.connection_info_ is None:
+            self.connection_info_ = self._new_connection_info()
+        return self.connection_info_
+
+    def record_resource_usage(self, sample):
+        self.resource_usage = sample
+        self.channel.event("resourceUsage", sample)
+
+    # -- views ------------------------------------------------------------------------
+
+    def to_json(self):
+        now = time.monotonic()
+        data = {
+            "session_id": self.session_id,
+            "argv": list(self.spec.get("argv") or []),
+        }
+        if self.process is not None and not self.process.exited.is_set():
+            data["process_id"] = self.process.pid
+        data.update({
+            "username": self.spec.get("username", ""),
+            "display_name": self.spec.get("display_name", ""),
+            "language": self.spec.get("language", ""),
+            "interrupt_mode": self.spec.get("interrupt_mode", "message"),
+            "initial_env": self.initial_env,
+            "connected": self.channel.connected,
+            "started": rfc3339(self.created),
+            "session_mode": self.spec.get("session_mode", "console"),
+            "working_directory": self.working_directory,
+        })
+        if self.spec.get("notebook_uri"):
+            data["notebook_uri"] = self.spec["notebook_uri"]
+        data.update({
+            "input_prompt": self.input_prompt,
+            "continuation_prompt": self.continuation_prompt,
+            "execution_queue": self.queue.to_json(),
+            "status": self.status,
+            "kernel_info": self.kernel_info,
+        })
+        if self.resource_usage is not None:
+            data["resource_usage"] = self.resource_usage
+        data["idle_seconds"] = int(now - self.idle_since) if self.idle_since is not None else 0
+        data["busy_seconds"] = int(now - self.busy_since) if self.busy_since is not None else 0
+        if self.socket_path and self.channel.connected:
+            data["socket_path"] = self.socket_path
+        return data

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kcgevent",
+    version="0.1.0",
+    description="A durable, headless supervisor for Jupyter kernels, wire-compatible with Kallichore",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kcgevent", "kcgevent.*"]),
+    install_requires=[
+        "gevent>=23.9",
+        "flask>=3.0",
+        "pyzmq>=25",
+        "marshmallow>=3.20",
+        "apispec>=6.0",
+        "argh>=0.30",
+        "psutil>=5.9",
+        "wsproto>=1.2",
+        "websocket-client>=1.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "ipykernel>=6",
+            "jupyter_client>=8",
+            "requests>=2.28",
+            "jsonschema>=4",
+            "openapi-spec-validator>=0.7",
+        ],
+        "bench": ["ipykernel>=6", "jupyter_client>=8"],
+    },
+    entry_points={"console_scripts": ["kcgevent = kcgevent.__main__:main"]},
+)
