@@ -21,6 +21,7 @@ import zmq.green as zmq
 
 from .config import VERSION, ServerConfig
 from .errors import ApiError, KsError, not_found
+from .session import win_interrupt
 from .session.resources import ResourceSampler
 from .session.session import KernelSession, rfc3339
 
@@ -166,11 +167,13 @@ class Supervisor:
     # -- signals -------------------------------------------------------------------
 
     def interrupt_process(self, session):
-        session.process.interrupt()
+        if os.name == "nt":
+            win_interrupt.interrupt(session.session_id)
+        else:
+            session.process.interrupt()
 
     def windows_kernel_env(self, session):
-        from .transports import named_pipe
-        return named_pipe.kernel_interrupt_env(session)
+        return win_interrupt.kernel_env(session.session_id)
 
     # -- configuration ---------------------------------------------------------------
 
@@ -269,7 +272,8 @@ class Supervisor:
             session.process.exited.wait(max(0.0, deadline - time.monotonic()))
         for session in sessions:
             session.terminate()
-            self.close_channel_endpoint(session)
+        if self.session_sockets is not None:
+            self.session_sockets.close_all()
         for greenlet in (self._sampler, self._idle_watch):
             if greenlet is not None:
                 greenlet.kill(block=False)

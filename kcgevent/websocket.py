@@ -79,7 +79,7 @@ class WebSocket:
         self.close_code = None
         self.pings_sent = 0
         self.last_pong = 0
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
+        if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @classmethod

@@ -19,10 +19,14 @@ The log is bounded (`limit` frames). Frames already sent go first; if unsent
 frames must be dropped, the next client is told with a `messagesDropped`
 event naming the sequence range.
 """
-import fcntl
 import logging
 import struct
-import termios
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # Windows: no TIOCOUTQ; drops replay from the client's cursor
+    fcntl = termios = None
 
 import gevent
 from gevent.event import Event
@@ -41,6 +45,8 @@ DISCONNECT_REASON = "Another client is connecting to this session."
 
 def unacked_bytes(sock):
     """Bytes written to `sock` that its peer has not acknowledged (0 if unknown)."""
+    if fcntl is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
     try:
         buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
         return struct.unpack("i", buf)[0]

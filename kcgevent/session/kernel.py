@@ -22,7 +22,14 @@ HEARTBEAT_TIMEOUT = 5.0
 
 
 class KernelConnectError(Exception):
-    """Connecting or the first kernel_info round trip failed."""
+    """Connecting or the first kernel_info round trip failed.
+
+    `kind` is "timeout", "aborted" (the process exited) or "error" (e.g. a bad signature).
+    """
+
+    def __init__(self, message, kind):
+        super().__init__(message)
+        self.kind = kind
 
 
 class KernelConnection:
@@ -162,7 +169,8 @@ class KernelConnection:
         while not (reply is not None and iopub_live):
             now = time.monotonic()
             if now >= deadline:
-                raise KernelConnectError(f"Timed out waiting to connect to session's ZeroMQ sockets after {timeout} seconds", "timeout")
+                raise KernelConnectError("Timed out waiting to connect to session's ZeroMQ sockets after "
+                                         f"{timeout:g} seconds", "timeout")
             reason = should_abort()
             if reason:
                 raise KernelConnectError(reason, "aborted")

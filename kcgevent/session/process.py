@@ -256,7 +256,7 @@ def parent_death_preexec(parent_pid=None):
 def _platform_spawn_options():
     """A new session (POSIX) so the whole tree can be signalled; parent-death signal on Linux."""
     if IS_WINDOWS:
-        return {}
+        return {"close_fds": False}  # the kernel must inherit its JPY_INTERRUPT_EVENT handle
     options = {"start_new_session": True}
     if IS_LINUX:
         options["preexec_fn"] = functools.partial(parent_death_preexec, os.getpid())

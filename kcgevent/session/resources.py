@@ -6,6 +6,7 @@ busy threads may exceed 100 and the result does not depend on how many sessions 
 """
 
 import collections
+import os
 import time
 
 import psutil
@@ -57,12 +58,47 @@ class ResourceSampler:
 
 
 def _tree(root_pid):
-    """The root and its descendants; empty if the root is gone."""
+    """The root and its descendants; empty if the root is gone.
+
+    On Linux the tree is walked through /proc/<pid>/task/<tid>/children, which
+    touches only our kernels' processes; psutil's children() scans the whole
+    process table, which is what made Kallichore's sampling expensive on busy
+    hosts. Elsewhere psutil is used.
+    """
     try:
         root = psutil.Process(root_pid)
-        return [root, *root.children(recursive=True)]
     except psutil.Error:
         return []
+    if not os.path.isdir(f"/proc/{root_pid}/task"):
+        try:
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return [root]
+    found, pending = [root], [root_pid]
+    while pending:
+        for child in _proc_children(pending.pop()):
+            try:
+                found.append(psutil.Process(child))
+                pending.append(child)
+            except psutil.Error:
+                pass
+    return found
+
+
+def _proc_children(pid):
+    """Direct children of `pid`, from the kernel's per-thread children lists."""
+    children = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return children
 
 
 def _read(proc):

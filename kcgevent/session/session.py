@@ -13,7 +13,6 @@ import socket
 import time
 from datetime import datetime, timezone
 
-import gevent
 import psutil
 
 from ..errors import ApiError, KsError, StartupError

@@ -1,0 +1,241 @@
+"""Shared fixtures: real kcgevent servers in child processes, and the sessions they run.
+
+Every server is started with `python -m kcgevent`, found through its
+connection file, and torn down by pid: all its descendants (kernels run in
+their own process groups) are recorded, the server is asked to shut down,
+and anything still alive afterwards is killed *and reported as a failure*.
+"""
+from gevent import monkey
+
+monkey.patch_all()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+
+from kcgevent.client import Client, execute_request, python_kernel_session  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAKE_KERNEL = os.path.join(HERE, "kernels", "fake_kernel.py")
+PYTHON = sys.executable
+
+
+class ServerProcess:
+    """A running server: `.client`, `.info`, `.process`, and a record of every pid it spawned."""
+
+    def __init__(self, tmp_path, args, token="none", env=None):
+        self.dir = tmp_path
+        self.connection_file = str(tmp_path / f"conn-{uuid.uuid4().hex[:6]}.json")
+        self.log_file = str(tmp_path / "server.log")
+        cmd = [PYTHON, "-m", "kcgevent", "--connection-file", self.connection_file, "--log-file", self.log_file]
+        if token is not None:
+            cmd += ["--token", token]
+        cmd += list(args)
+        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        env={**os.environ, **(env or {})})
+        self.seen_pids = set()
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.connection_file):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.process.stderr.read()}")
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError("server did not write its connection file within 20 s")
+            time.sleep(0.02)
+        with open(self.connection_file) as f:
+            self.info = json.load(f)
+        self.client = Client(self.info)
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def descendants(self):
+        """Every process the server spawned that is alive now (also remembered for cleanup)."""
+        try:
+            kids = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            kids = []
+        self.seen_pids.update(k.pid for k in kids)
+        return kids
+
+    def alive_spawned(self):
+        alive = []
+        for pid in sorted(self.seen_pids):
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def stop(self, timeout=20):
+        """Shut the server down gracefully (SIGTERM), then make sure nothing is left."""
+        self.descendants()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        leftovers = self.alive_spawned()
+        for p in leftovers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leftovers, timeout=5)
+        for stream in (self.process.stdout, self.process.stderr):
+            stream.close()
+        return leftovers
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start servers with extra CLI args; all are stopped (and checked for leftovers) at teardown."""
+    servers = []
+
+    def start(*args, token="none", env=None):
+        server = ServerProcess(tmp_path, args, token=token, env=env)
+        servers.append(server)
+        server.client.wait_ready()
+        return server
+
+    yield start
+    leaked = []
+    for server in servers:
+        leaked += server.stop()
+    assert not leaked, f"processes left behind: {[p.pid for p in leaked]}"
+
+
+@pytest.fixture
+def server(start_server):
+    """A TCP server without auth."""
+    return start_server("--transport", "tcp")
+
+
+def fake_kernel_session(session_id, *flags, **overrides):
+    body = python_kernel_session(session_id, PYTHON, **overrides)
+    body["argv"] = [PYTHON, FAKE_KERNEL, *flags, "{connection_file}"]
+    body["language"] = "fake"
+    return body
+
+
+def new_id(prefix="s"):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def start_session(client, body):
+    client.call("PUT", "/sessions", body)
+    return client.call("POST", f"/sessions/{body['session_id']}/start")
+
+
+@pytest.fixture
+def fake_session(server):
+    """A started fake-kernel session on `server`: (server, session_id)."""
+    session_id = new_id("fake")
+    start_session(server.client, fake_kernel_session(session_id))
+    return server, session_id
+
+
+@pytest.fixture
+def python_session(server):
+    """A started ipykernel session on `server`: (server, session_id)."""
+    session_id = new_id("py")
+    start_session(server.client, python_kernel_session(session_id, PYTHON, working_directory=str(HERE)))
+    return server, session_id
+
+
+class Channel:
+    """A websocket-client connection with helpers to read frames with a deadline."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.frames = []
+
+    def send(self, message):
+        self.ws.send(json.dumps(message))
+        return message
+
+    def execute(self, code, msg_id=None):
+        return self.send(execute_request(code, msg_id))
+
+    def recv(self, timeout=10):
+        self.ws.settimeout(timeout)
+        frame = json.loads(self.ws.recv())
+        self.frames.append(frame)
+        return frame
+
+    def until(self, predicate, timeout=15):
+        """Frames up to and including the first one for which predicate(frame) is true."""
+        deadline = time.monotonic() + timeout
+        got = []
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching frame within {timeout} s; got {[summary(f) for f in got][-20:]}")
+            frame = self.recv(remaining)
+            got.append(frame)
+            if predicate(frame):
+                return got
+
+    def until_idle(self, request, timeout=15):
+        """Frames up to the kernel's idle status for `request`."""
+        return self.until(lambda f: is_idle_for(f, request), timeout)
+
+    def close(self):
+        self.ws.close()
+
+
+def summary(frame):
+    if frame.get("kind") == "jupyter":
+        return f"jupyter:{frame['channel']}:{frame['header']['msg_type']}"
+    return f"kernel:{','.join(k for k in frame if k not in ('kind', 'seq'))}"
+
+
+def is_idle_for(frame, request):
+    return (frame.get("kind") == "jupyter" and frame["header"]["msg_type"] == "status"
+            and frame["content"].get("execution_state") == "idle"
+            and (frame.get("parent_header") or {}).get("msg_id") == request["header"]["msg_id"])
+
+
+def replies_to(frames, request, msg_type=None):
+    return [f for f in frames if f.get("kind") == "jupyter"
+            and (f.get("parent_header") or {}).get("msg_id") == request["header"]["msg_id"]
+            and (msg_type is None or f["header"]["msg_type"] == msg_type)]
+
+
+def stream_text(frames):
+    return "".join(f["content"].get("text", "") for f in frames
+                   if f.get("kind") == "jupyter" and f["header"]["msg_type"] == "stream")
+
+
+def kernel_events(frames, name):
+    return [f[name] for f in frames if f.get("kind") == "kernel" and name in f]
+
+
+@pytest.fixture
+def open_channel():
+    """Open channels; all are closed at teardown."""
+    channels = []
+
+    def open_(server, session_id, after=None):
+        channel = Channel(server.client.open_channel(session_id, after=after))
+        channels.append(channel)
+        return channel
+
+    yield open_
+    for channel in channels:
+        try:
+            channel.close()
+        except Exception:
+            pass
