@@ -1,8 +1,13 @@
-"""Tests for tests/kernels/fake_kernel.py, driven with jupyter_client.
+"""Tests for tests/kernels/fake_kernel.py, driven by a small synchronous client.
 
 The fake kernel is the ground truth other tests and benchmarks rely on, so
 these check it directly, without the supervisor in between. Every kernel
 process is killed by pid in a fixture finalizer and every wait is bounded.
+
+The suite runs under gevent monkey patching (tests/conftest.py), which breaks
+jupyter_client's asyncio-based BlockingKernelClient, so the client here is
+plain blocking pyzmq (every receive behind a poll timeout) with
+jupyter_client.session.Session only for serializing and signing messages.
 """
 
 from __future__ import annotations
@@ -14,17 +19,112 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import zmq
-from jupyter_client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 from jupyter_client.session import Session
 
 FAKE_KERNEL = Path(__file__).parent / "kernels" / "fake_kernel.py"
 KEY = b"test-key"
 TIMEOUT = 5.0
+
+
+class SyncKernelClient:
+    """A blocking kernel client: shell/control/stdin DEALERs, an iopub SUB.
+
+    Exposes the subset of BlockingKernelClient the tests use. Every get_*_msg
+    polls with a timeout and raises TimeoutError when nothing arrives; shell
+    and stdin share one identity so the kernel's input_request reaches us.
+    """
+
+    CHANNELS = ("shell", "iopub", "stdin", "control")
+
+    def __init__(self, session: Session, ip: str, shell_port: int, iopub_port: int,
+                 stdin_port: int, control_port: int, hb_port: int, transport: str = "tcp"):
+        self.session = session
+        self.ip = ip
+        self.shell_port, self.iopub_port, self.stdin_port = shell_port, iopub_port, stdin_port
+        self.control_port, self.hb_port = control_port, hb_port
+        self.context = zmq.Context()
+        identity = uuid.uuid4().hex.encode()
+        self.sockets = {}
+        for name in self.CHANNELS:
+            sock = self.context.socket(zmq.SUB if name == "iopub" else zmq.DEALER)
+            sock.linger = 0
+            if name == "iopub":
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            elif name in ("shell", "stdin"):
+                sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(f"{transport}://{ip}:{getattr(self, name + '_port')}")
+            self.sockets[name] = sock
+
+    @classmethod
+    def from_connection_file(cls, fname) -> "SyncKernelClient":
+        with open(fname) as f:
+            info = json.load(f)
+        session = Session(key=info["key"].encode(),
+                          signature_scheme=info.get("signature_scheme", "hmac-sha256"))
+        return cls(session, info["ip"], info["shell_port"], info["iopub_port"],
+                   info["stdin_port"], info["control_port"], info["hb_port"],
+                   info.get("transport", "tcp"))
+
+    # -- sending --------------------------------------------------------------
+
+    def send(self, channel: str, msg: dict) -> str:
+        """Send a message built with self.session.msg on channel; returns its msg_id."""
+        self.session.send(self.sockets[channel], msg)
+        return msg["header"]["msg_id"]
+
+    def _request(self, channel: str, msg_type: str, content: dict) -> str:
+        return self.send(channel, self.session.msg(msg_type, content))
+
+    def execute(self, code: str, silent: bool = False, store_history: bool = True,
+                allow_stdin: bool = True, stop_on_error: bool = True) -> str:
+        return self._request("shell", "execute_request", {
+            "code": code, "silent": silent, "store_history": store_history,
+            "user_expressions": {}, "allow_stdin": allow_stdin,
+            "stop_on_error": stop_on_error,
+        })
+
+    def kernel_info(self) -> str:
+        return self._request("shell", "kernel_info_request", {})
+
+    def input(self, value: str) -> str:
+        return self._request("stdin", "input_reply", {"value": value})
+
+    def shutdown(self, restart: bool = False) -> str:
+        return self._request("control", "shutdown_request", {"restart": restart})
+
+    # -- receiving ------------------------------------------------------------
+
+    def get_msg(self, channel: str, timeout: float = TIMEOUT) -> dict:
+        sock = self.sockets[channel]
+        if not sock.poll(timeout * 1000):
+            raise TimeoutError(f"no {channel} message within {timeout} s")
+        _, msg = self.session.recv(sock, mode=zmq.NOBLOCK)
+        if msg is None:  # poll said readable, so this should not happen
+            raise TimeoutError(f"{channel} message vanished")
+        return msg
+
+    def get_shell_msg(self, timeout: float = TIMEOUT) -> dict:
+        return self.get_msg("shell", timeout)
+
+    def get_iopub_msg(self, timeout: float = TIMEOUT) -> dict:
+        return self.get_msg("iopub", timeout)
+
+    def get_stdin_msg(self, timeout: float = TIMEOUT) -> dict:
+        return self.get_msg("stdin", timeout)
+
+    def get_control_msg(self, timeout: float = TIMEOUT) -> dict:
+        return self.get_msg("control", timeout)
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+        self.context.term()
 
 
 def start_kernel(connection_file, *flags) -> subprocess.Popen:
@@ -78,15 +178,13 @@ def launch(tmp_path, procs):
         proc = start_kernel(fname, *flags)
         procs.append(proc)
         read_until(proc, b"fake kernel ready")
-        client = BlockingKernelClient(connection_file=fname)
-        client.load_connection_file()
-        client.start_channels()
+        client = SyncKernelClient.from_connection_file(fname)
         clients.append(client)
         return proc, client
 
     yield _launch
     for client in clients:
-        client.stop_channels()
+        client.close()
 
 
 def wait_iopub_subscribed(client) -> None:
@@ -97,7 +195,7 @@ def wait_iopub_subscribed(client) -> None:
         client.get_shell_msg(timeout=TIMEOUT)
         try:
             client.get_iopub_msg(timeout=0.2)
-        except Exception:
+        except TimeoutError:
             continue
         drain_iopub(client)
         return
@@ -108,20 +206,22 @@ def drain_iopub(client) -> None:
     while True:
         try:
             client.get_iopub_msg(timeout=0.1)
-        except Exception:
+        except TimeoutError:
             return
 
 
 def iopub_until_idle(client, msg_id: str) -> list:
     """All iopub messages for one request, up to and including its idle status."""
     out = []
-    while True:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
         msg = client.get_iopub_msg(timeout=TIMEOUT)
         if msg["parent_header"].get("msg_id") != msg_id:
             continue
         out.append(msg)
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             return out
+    raise TimeoutError(f"no idle status for {msg_id} within {TIMEOUT} s")
 
 
 def stream_texts(msgs) -> list:
@@ -129,21 +229,25 @@ def stream_texts(msgs) -> list:
 
 
 def reply_to(client, msg_id: str, channel: str = "shell") -> dict:
-    get = getattr(client, f"get_{channel}_msg")
-    while True:
-        msg = get(timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        msg = client.get_msg(channel, timeout=TIMEOUT)
         if msg["parent_header"].get("msg_id") == msg_id:
             return msg
+    raise TimeoutError(f"no {channel} reply to {msg_id} within {TIMEOUT} s")
 
 
 def start_sleep(client, seconds: int = 30) -> str:
     """Execute a sleep and return once the kernel is inside it (execute_input seen)."""
+    wait_iopub_subscribed(client)  # else execute_input may be published before SUB joins
     msg_id = client.execute(f"sleep {seconds}")
-    while True:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
         msg = client.get_iopub_msg(timeout=TIMEOUT)
         if msg["msg_type"] == "execute_input" and msg["parent_header"]["msg_id"] == msg_id:
             time.sleep(0.05)
             return msg_id
+    raise TimeoutError(f"sleep {seconds} never started within {TIMEOUT} s")
 
 
 def hb_ping(port: int, timeout: float = 1.0) -> bool:
@@ -176,7 +280,7 @@ def test_kernel_info(launch):
 def test_kernel_info_on_control(launch):
     _, client = launch()
     msg = client.session.msg("kernel_info_request", {})
-    client.control_channel.send(msg)
+    client.send("control", msg)
     reply = reply_to(client, msg["header"]["msg_id"], "control")
     assert reply["content"]["implementation"] == "fake"
 
@@ -209,7 +313,7 @@ def test_interrupt_request_during_sleep(launch):
     msg_id = start_sleep(client)
     assert hb_ping(client.hb_port), "heartbeat must answer during sleep"
     interrupt = client.session.msg("interrupt_request", {})
-    client.control_channel.send(interrupt)
+    client.send("control", interrupt)
     assert reply_to(client, interrupt["header"]["msg_id"], "control")["content"]["status"] == "ok"
     reply = reply_to(client, msg_id)
     assert reply["content"]["status"] == "error"
@@ -317,10 +421,9 @@ def test_jep66_handshake(tmp_path, procs):
         session.send(rep, "handshake_reply", {"status": "ok"}, parent=request)
         read_until(procs[-1], b"fake kernel ready")
 
-        client = BlockingKernelClient(session=Session(key=KEY), ip="127.0.0.1", **ports)
-        client.start_channels()
+        client = SyncKernelClient(Session(key=KEY), "127.0.0.1", **ports)
         assert reply_to(client, client.kernel_info())["content"]["implementation"] == "fake"
     finally:
         if client is not None:
-            client.stop_channels()
+            client.close()
         rep.close()

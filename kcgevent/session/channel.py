@@ -55,17 +55,25 @@ def unacked_bytes(sock):
 
 
 class OutboundLog:
-    """Frames with sequence numbers; the oldest are forgotten past `limit`."""
+    """Frames with sequence numbers; the oldest are forgotten past `limit`.
+
+    Forgetting only advances `_head`; the list is compacted once half of it
+    is forgotten, so trimming stays O(1) amortized even at the limit.
+    """
 
     def __init__(self, limit):
         self.limit = max(1, limit)
         self._frames = []
+        self._head = 0  # index in _frames of first_seq
         self._first_seq = 1
         self.changed = Event()
 
+    def __len__(self):
+        return len(self._frames) - self._head
+
     @property
     def next_seq(self):
-        return self._first_seq + len(self._frames)
+        return self._first_seq + len(self)
 
     @property
     def first_seq(self):
@@ -77,29 +85,38 @@ class OutboundLog:
 
     def read(self, seq, max_frames=BATCH_FRAMES, max_bytes=BATCH_BYTES):
         """Frames from `seq` on (a batch), as a list of (seq, frame)."""
-        start = max(seq, self._first_seq) - self._first_seq
+        start = self._head + max(seq, self._first_seq) - self._first_seq
         out, size = [], 0
         for i in range(start, min(len(self._frames), start + max_frames)):
             frame = self._frames[i]
-            out.append((self._first_seq + i, frame))
+            out.append((self._first_seq + i - self._head, frame))
             size += len(frame)
             if size >= max_bytes:
                 break
         return out
 
+    def _forget(self, count):
+        self._head += count
+        self._first_seq += count
+        if self._head > len(self._frames) // 2:
+            del self._frames[:self._head]
+            self._head = 0
+
     def trim(self, keep_from):
-        """Forget frames before `keep_from`, then enforce the limit; return the seqs forced out."""
-        keep_from = min(keep_from, self.next_seq)
-        if keep_from > self._first_seq and len(self._frames) > self.limit:
-            cut = min(keep_from - self._first_seq, len(self._frames) - self.limit)
-            del self._frames[:cut]
-            self._first_seq += cut
-        lost = None
-        overflow = len(self._frames) - self.limit
-        if overflow > 0:
-            lost = (self._first_seq, self._first_seq + overflow - 1)
-            del self._frames[:overflow]
-            self._first_seq += overflow
+        """Enforce the limit, forgetting frames before `keep_from` (already sent) first.
+
+        Returns the (first, last) seqs of unsent frames that had to go, or None.
+        """
+        overflow = len(self) - self.limit
+        if overflow <= 0:
+            return None
+        sent = max(0, min(keep_from, self.next_seq) - self._first_seq)
+        self._forget(min(sent, overflow))
+        overflow = len(self) - self.limit
+        if overflow <= 0:
+            return None
+        lost = (self._first_seq, self._first_seq + overflow - 1)
+        self._forget(overflow)
         return lost
 
 
@@ -187,14 +204,14 @@ class Channel:
 
     def publish(self, frame):
         self.log.append(frame)
-        if len(self.log._frames) > self.log.limit:
+        if len(self.log) > self.log.limit:
             self._trim()
 
     def event(self, name, payload):
         self.publish(kernel_event(name, payload))
 
     def on_progress(self):
-        if len(self.log._frames) > self.log.limit:
+        if len(self.log) > self.log.limit:
             self._trim()
 
     def _trim(self):

@@ -45,6 +45,7 @@ class KernelConnection:
         self.sockets = {}
         self._locks = {name: Semaphore() for name in CHANNELS}
         self.closed = False
+        self.internal = set()  # msg_ids of our own kernel_info requests: their replies are not relayed
         self._pump = None
         self._heartbeat = None
 
@@ -146,6 +147,8 @@ class KernelConnection:
         except wire.WireError as exc:
             log.warning("session %s: dropped a %s message from the kernel: %s", self.session_id, name, exc)
             return
+        if self.internal and any(msg_id in msg.parent_raw for msg_id in self.internal):
+            return  # a late answer to one of our start-up kernel_info requests
         try:
             on_message(msg, header_raw)
         except Exception:  # a bug in one message's handling must not stop the relay
@@ -175,7 +178,9 @@ class KernelConnection:
             if reason:
                 raise KernelConnectError(reason, "aborted")
             if now >= next_request:
-                ours.add(self.send("shell", "kernel_info_request", {}))
+                msg_id = self.send("shell", "kernel_info_request", {})
+                ours.add(msg_id)
+                self.internal.add(msg_id.encode())
                 next_request = now + (0.2 if reply is not None else 1.0)
             for name, frames in self.recv_ready(50):
                 try:

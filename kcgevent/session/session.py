@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 
 import psutil
 
-from ..errors import ApiError, KsError, StartupError
+from ..errors import KsError, StartupError
 from . import process as proc_mod
 from . import wire
 from .channel import Channel
@@ -113,7 +113,17 @@ class KernelSession:
         try:
             return self._start()
         finally:
-            self._busy_verb = None
+            self._end_verb()
+
+    def _end_verb(self):
+        """A start/restart/adopt is over; messages held for it go nowhere if it failed."""
+        self._busy_verb = None
+        if self.connection is None:
+            for msg in self._held:
+                self.channel.event("error", {"code": "kernel_not_running", "message":
+                                             f"Message {msg.msg_id} ({msg.msg_type}) was not delivered: "
+                                             "the kernel did not start"})
+            self._held = []
 
     def _start(self):
         argv = list(self.spec.get("argv") or [])
@@ -370,7 +380,7 @@ class KernelSession:
             self._stop_for_restart()
             self._start()
         finally:
-            self._busy_verb = None
+            self._end_verb()
 
     def _choose_working_directory(self, requested):
         if requested:
@@ -424,8 +434,7 @@ class KernelSession:
     def adopt(self, info):
         """Take over a kernel someone else started (signing with *its* key)."""
         if self.running or self._busy_verb:
-            raise ApiError(500, f"KS-{16}", f"Failed to adopt kernel: session {self.session_id} is already "
-                           f"{self.status}")
+            raise KsError("SessionRunning", f"Session {self.session_id} is running")
         self._busy_verb = "adopt"
         timeout = float(self.spec.get("connection_timeout") or 30)
         self.set_status("starting", "adopt API called")
@@ -437,7 +446,7 @@ class KernelSession:
             message = str(exc) if exc.kind == "timeout" else f"Failed to connect to session's ZeroMQ sockets: {exc}"
             raise KsError(variant, message, status=500) from None
         finally:
-            self._busy_verb = None
+            self._end_verb()
         self.connection_info_ = dict(info)
         self.process = None
         return reply
