@@ -253,12 +253,14 @@ class KernelSession:
         """The kernel process exited (called once per process, after its output)."""
         if token is not self._exit_token:
             return  # an earlier kernel of this session
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
+        # All bookkeeping before the first yield: a restart waiting for this exit
+        # must find the old kernel fully retired before it writes the new one's files.
+        connection, self.connection = self.connection, None
         self.set_status("exited", "child process exited")
         self.channel.event("exited", code)
         self.supervisor.remove_kernel_files(self.session_id)
+        if connection is not None:
+            connection.close()
 
     def _on_heartbeat(self, alive):
         if not alive and self.status != "exited":

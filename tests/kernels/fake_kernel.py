@@ -65,7 +65,7 @@ Any Python exception while running a command (bad int, missing dir...)
 becomes an error reply named after the exception class. execute_input is
 published and execution_count incremented unless ``silent`` is true.
 
-SIGINT interrupts a running sleep/input; at any other time it is ignored.
+SIGINT during an execution interrupts its next (or current) sleep/input; when idle it is ignored.
 
 Fault flags:
   --exit-at-start CODE  print "fake kernel starting" (stdout) and
@@ -402,6 +402,10 @@ class FakeKernel:
     def execute(self, sock, msg: Message) -> None:
         content = msg.content
         code = content.get("code", "")
+        # An interrupt from before this execution is not for it; one that arrives
+        # while it runs (even before a sleep starts) interrupts it, as in ipykernel.
+        self.interrupt_pending = False
+        self.sigint.drain()
         if not content.get("silent", False):
             self.execution_count += 1
             self.publish("execute_input",
@@ -481,8 +485,6 @@ class FakeKernel:
         Returns the input value, or None when the timeout ran out; raises
         Interrupted on SIGINT or interrupt_request.
         """
-        self.interrupt_pending = False
-        self.sigint.drain()  # a SIGINT from before this wait is not for us
         poller = zmq.Poller()
         poller.register(self.control, zmq.POLLIN)
         if want_input:
