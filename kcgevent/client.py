@@ -96,13 +96,15 @@ class Client:
         if self.info.get("port"):
             return websocket.create_connection(
                 f"ws://127.0.0.1:{self.info['port']}/sessions/{session_id}/channels{query}",
-                header=header, timeout=timeout, enable_multithread=True)
+                header=header, timeout=timeout, enable_multithread=True,
+                skip_utf8_validation=True)
         path = self.call("GET", f"/sessions/{session_id}/channels")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         sock.connect(path)
         return websocket.create_connection(f"ws://localhost/api/channels/{session_id}{query}", header=header,
-                                           timeout=timeout, socket=sock, enable_multithread=True)
+                                           timeout=timeout, socket=sock, enable_multithread=True,
+                                           skip_utf8_validation=True)
 
 
 def python_kernel_session(session_id, python, **overrides):

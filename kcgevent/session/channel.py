@@ -196,7 +196,6 @@ class Channel:
         self.client = None
         self.cursor = 1  # where the next client without `after` starts
         self.on_connect_change = None  # callback(connected: bool)
-        self._lost = None
 
     @property
     def connected(self):
@@ -218,17 +217,13 @@ class Channel:
         keep = self.client.cursor if self.client else self.cursor
         lost = self.log.trim(keep)
         if lost:
-            first = lost[0] if self._lost is None else self._lost[0]
-            self._lost = (first, lost[1])
             if self.client:
                 self.client.cursor = max(self.client.cursor, self.log.first_seq)
             self.cursor = max(self.cursor, self.log.first_seq)
-
-    def _drop_notice(self):
-        """A `messagesDropped` frame for the gap, sent ahead of the log (then forgotten)."""
-        first, last = self._lost
-        self._lost = None
-        return kernel_event("messagesDropped", {"count": last - first + 1, "first_seq": first, "last_seq": last})
+            # Said in the stream itself, so the attached client (or the next one) learns of the gap.
+            first, last = lost
+            self.log.append(kernel_event("messagesDropped",
+                                         {"count": last - first + 1, "first_seq": first, "last_seq": last}))
 
     def attach(self, ws, after=None):
         """Make `ws` the session's client, replacing (and notifying) any current one."""
@@ -236,16 +231,11 @@ class Channel:
         if old is not None:
             self._hand_over(old)
         cursor = self.cursor if after is None else max(int(after) + 1, 1)
-        notices = []
         if after is not None and cursor < self.log.first_seq:
-            notices.append(kernel_event("messagesDropped", {
+            ws.send(kernel_event("messagesDropped", {
                 "count": self.log.first_seq - cursor, "first_seq": cursor, "last_seq": self.log.first_seq - 1}))
             cursor = self.log.first_seq
-        elif self._lost is not None:
-            notices.append(self._drop_notice())
         cursor = min(cursor, self.log.next_seq)
-        if notices:
-            ws.send_frames(notices)
         client = Client(self, ws, cursor, with_seq=after is not None)
         self.client = client
         client.writer = gevent.spawn(client.run_writer)

@@ -9,6 +9,7 @@ import logging
 import time
 
 import gevent
+import zmq.backend as zmq_backend
 import zmq.green as zmq
 from gevent.lock import Semaphore
 
@@ -17,6 +18,20 @@ from . import wire
 log = logging.getLogger(__name__)
 
 CHANNELS = ("shell", "control", "stdin", "iopub")
+PUMP_BATCH = 100
+# pyzmq's own (Cython) recv/send/get, without zmq.green's bookkeeping on every call
+_plain_recv = zmq_backend.Socket.recv
+_plain_send = zmq_backend.Socket.send
+_plain_get = zmq_backend.Socket.get
+
+
+def recv_ready_multipart(sock):
+    """One whole message from a socket the poller says is readable (raises zmq.Again if none)."""
+    frames = [_plain_recv(sock, zmq.NOBLOCK)]
+    while _plain_get(sock, zmq.RCVMORE):
+        frames.append(_plain_recv(sock, zmq.NOBLOCK))
+    return frames
+
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TIMEOUT = 5.0
 
@@ -89,8 +104,17 @@ class KernelConnection:
         msg_id = msg_id or wire.new_msg_id()
         frames = wire.serialize(self.signer, self.header(msg_id, msg_type), self.full_parent(parent),
                                 metadata, content, buffers)
+        sock = self.sockets[channel]
         with self._locks[channel]:
-            self.sockets[channel].send_multipart(frames, copy=False)
+            try:  # the common case, without zmq.green's bookkeeping
+                _plain_send(sock, frames[0], zmq.NOBLOCK | zmq.SNDMORE)
+            except zmq.Again:  # the queue is full: wait cooperatively
+                sock.send_multipart(frames, copy=False)
+                return msg_id
+            # Once the first part is queued, ZeroMQ takes the rest of the message.
+            for frame in frames[1:-1]:
+                _plain_send(sock, frame, zmq.SNDMORE)
+            _plain_send(sock, frames[-1], 0)
         return msg_id
 
     # -- receiving ---------------------------------------------------------
@@ -134,12 +158,16 @@ class KernelConnection:
                 raise
             for sock, _ in ready:
                 name = names[sock]
-                for _ in range(1000):  # drain, but let the other sockets have a turn
+                for _ in range(PUMP_BATCH):  # drain, but let the other sockets have a turn
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = recv_ready_multipart(sock)
                     except zmq.Again:
                         break
                     self._dispatch(name, frames, on_message)
+                sock._Socket__state_changed()  # what zmq.green does after each recv, once per batch
+            # zmq.green's poll returns at once while messages wait: without this yield a
+            # flooding kernel would starve the WebSocket writer, HTTP and pings.
+            gevent.sleep(0)
 
     def _dispatch(self, name, frames, on_message):
         try:

@@ -318,6 +318,7 @@ class KernelProcess:
         self.startup_success_seen = False
         self._on_output = on_output
         self._on_exit = on_exit
+        self._psutil = None
         self._lines = collections.deque(maxlen=OUTPUT_LINES_KEPT)
         self._readers = [gevent.spawn(self._read, "stdout", popen.stdout),
                          gevent.spawn(self._read, "stderr", popen.stderr)]
@@ -396,6 +397,15 @@ class KernelProcess:
                 self._on_exit(self.exit_code)
             except Exception:
                 log.exception("pid %s: exit callback failed", self.pid)
+
+    def cwd(self):
+        """The kernel's current directory, or None if it can't be read (cheap: one readlink)."""
+        try:
+            if self._psutil is None:
+                self._psutil = psutil.Process(self.pid)
+            return self._psutil.cwd()
+        except (psutil.Error, OSError):
+            return None
 
     def wait(self, timeout=None):
         """The exit code once exited, or None if still running after ``timeout`` seconds."""

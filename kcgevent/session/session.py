@@ -78,6 +78,7 @@ class KernelSession:
         self._busy_verb = None  # "start" / "restart" while one is under way
         self._held = []  # client messages that arrived while a start was under way
         self._exit_token = None
+        self._known_cwd = None  # realpath of working_directory, as last compared
 
     # -- status -------------------------------------------------------------
 
@@ -274,13 +275,12 @@ class KernelSession:
         if msg.channel == "iopub" and msg.msg_type == "status":
             state = msg.content.get("execution_state")
             if state in ("busy", "idle"):
-                reason = msg.parent_msg_type
-                self.set_status(state, reason)
-                if state == "idle" and reason == "execute_request":
-                    self._check_working_directory()
+                self.set_status(state, msg.parent_msg_type)
             self.channel.publish(msg.envelope(header_raw))
             if state == "idle":
                 self._release_next(msg.parent_msg_id)
+                if msg.parent_msg_type == "execute_request":
+                    self._check_working_directory()  # after the idle is on its way: off the round trip
             return
         self.channel.publish(msg.envelope(header_raw))
         if msg.msg_type == "execute_reply":
@@ -331,15 +331,13 @@ class KernelSession:
 
     def _check_working_directory(self):
         """Emit workingDirChanged when the kernel's cwd moved (after an execute)."""
-        if self.process is None:
+        cwd = self.process.cwd() if self.process is not None else None
+        if not cwd:
             return
-        try:
-            cwd = psutil.Process(self.process.pid).cwd()
-        except (psutil.Error, OSError):
-            return
-        current = os.path.realpath(self.working_directory) if self.working_directory else ""
-        if cwd and cwd != current:
-            self.working_directory = cwd
+        if self._known_cwd is None:
+            self._known_cwd = os.path.realpath(self.working_directory) if self.working_directory else ""
+        if cwd != self._known_cwd:
+            self._known_cwd = self.working_directory = cwd
             self.channel.event("workingDirChanged", cwd)
 
     # -- verbs ----------------------------------------------------------------------
@@ -385,6 +383,7 @@ class KernelSession:
             self._end_verb()
 
     def _choose_working_directory(self, requested):
+        self._known_cwd = None
         if requested:
             path = os.path.realpath(os.path.expanduser(requested))
             if os.path.isdir(path):
