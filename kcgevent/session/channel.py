@@ -143,12 +143,13 @@ class Client:
                     log_.changed.clear()
                     log_.changed.wait()
                     continue
+                notice = self.channel.take_drop_notice()  # frames this client fell too far behind for
+                if notice is not None:
+                    self.ws.send(notice)
                 self._send(batch)
                 self.channel.on_progress()
         except ConnectionClosed:
             pass
-        except gevent.GreenletExit:
-            raise
 
     def _send(self, batch):
         payloads = []
@@ -196,6 +197,7 @@ class Channel:
         self.client = None
         self.cursor = 1  # where the next client without `after` starts
         self.on_connect_change = None  # callback(connected: bool)
+        self._lost = None  # (first, last) seqs of unsent frames dropped and not yet reported
 
     @property
     def connected(self):
@@ -220,10 +222,14 @@ class Channel:
             if self.client:
                 self.client.cursor = max(self.client.cursor, self.log.first_seq)
             self.cursor = max(self.cursor, self.log.first_seq)
-            # Said in the stream itself, so the attached client (or the next one) learns of the gap.
-            first, last = lost
-            self.log.append(kernel_event("messagesDropped",
-                                         {"count": last - first + 1, "first_seq": first, "last_seq": last}))
+            self._lost = lost if self._lost is None else (self._lost[0], lost[1])
+
+    def take_drop_notice(self):
+        """A `messagesDropped` frame for unsent frames the limit forced out (once), or None."""
+        if self._lost is None:
+            return None
+        (first, last), self._lost = self._lost, None
+        return kernel_event("messagesDropped", {"count": last - first + 1, "first_seq": first, "last_seq": last})
 
     def attach(self, ws, after=None):
         """Make `ws` the session's client, replacing (and notifying) any current one."""
@@ -235,6 +241,11 @@ class Channel:
             ws.send(kernel_event("messagesDropped", {
                 "count": self.log.first_seq - cursor, "first_seq": cursor, "last_seq": self.log.first_seq - 1}))
             cursor = self.log.first_seq
+            self._lost = None  # that notice covers them
+        else:
+            notice = self.take_drop_notice()
+            if notice is not None:
+                ws.send(notice)
         cursor = min(cursor, self.log.next_seq)
         client = Client(self, ws, cursor, with_seq=after is not None)
         self.client = client

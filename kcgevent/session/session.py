@@ -276,11 +276,11 @@ class KernelSession:
             state = msg.content.get("execution_state")
             if state in ("busy", "idle"):
                 self.set_status(state, msg.parent_msg_type)
+                if state == "idle" and msg.parent_msg_type == "execute_request":
+                    self._check_working_directory()  # one readlink; clients see it before the idle
             self.channel.publish(msg.envelope(header_raw))
             if state == "idle":
                 self._release_next(msg.parent_msg_id)
-                if msg.parent_msg_type == "execute_request":
-                    self._check_working_directory()  # after the idle is on its way: off the round trip
             return
         self.channel.publish(msg.envelope(header_raw))
         if msg.msg_type == "execute_reply":
