@@ -123,6 +123,22 @@ def server(start_server):
     return start_server("--transport", "tcp")
 
 
+def wait_for(predicate, timeout, what="condition", interval=0.05):
+    """Poll `predicate` until it returns something truthy (returned); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def get_session(server, session_id):
+    return server.client.call("GET", f"/sessions/{session_id}")
+
+
 def fake_kernel_session(session_id, *flags, **overrides):
     body = python_kernel_session(session_id, PYTHON, **overrides)
     body["argv"] = [PYTHON, FAKE_KERNEL, *flags, "{connection_file}"]

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -19,8 +18,9 @@ import psutil
 import pytest
 import websocket
 
-from conftest import (FAKE_KERNEL, PYTHON, ServerProcess, fake_kernel_session, new_id, replies_to,
-                      start_session, stream_text)
+from conftest import (FAKE_KERNEL, PYTHON, ServerProcess, fake_kernel_session, get_session, new_id, replies_to,
+                      start_session, stream_text, wait_for)
+from kcgevent.session.session import free_ports
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 RFC3339_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -54,17 +54,6 @@ def raw_request(server, method, path, body=None, *, raw_body=None, headers=None,
     return response.status, response.headers, decoded
 
 
-def wait_for(predicate, timeout, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(interval)
-
-
 def pid_gone(pid):
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -72,25 +61,10 @@ def pid_gone(pid):
         return True
 
 
-def get_session(server, session_id):
-    return server.client.call("GET", f"/sessions/{session_id}")
-
-
 def status_of(server, session_id):
     return get_session(server, session_id)["status"]
 
 
-def free_ports(n):
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def assert_error(status, body, http_status, code, message_part=None):

@@ -23,7 +23,7 @@ import websocket  # noqa: E402
 
 from kcgevent.client import python_kernel_session  # noqa: E402
 
-from conftest import (  # noqa: E402
+from conftest import (wait_for,   # noqa: E402
     FAKE_KERNEL, HERE, PYTHON, fake_kernel_session, is_idle_for, kernel_events, new_id, replies_to,
     start_session, stream_text)
 
@@ -122,16 +122,6 @@ def abrupt_close(ws):
 def session_info(server, session_id):
     return server.client.call("GET", f"/sessions/{session_id}")
 
-
-def wait_for(predicate, timeout, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        time.sleep(interval)
 
 
 def wait_status(server, session_id, status, timeout=15):

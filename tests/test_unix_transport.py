@@ -23,7 +23,7 @@ import psutil
 import pytest
 import websocket
 
-from conftest import PYTHON, fake_kernel_session, new_id, replies_to, start_session, stream_text
+from conftest import wait_for, PYTHON, fake_kernel_session, new_id, replies_to, start_session, stream_text
 from kcgevent.client import Client, python_kernel_session
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix sockets")
@@ -59,16 +59,6 @@ def socket_server(start_server, socket_dir, token_file):
 def mode(path):
     return stat.S_IMODE(os.lstat(path).st_mode)
 
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def raw_handshake(path, session_id, token=None, timeout=10):
