@@ -1,17 +1,36 @@
 """ZeroMQ sockets to one kernel instance, and the pump greenlet that reads them.
 
 One `KernelConnection` per kernel instance (a restart makes a new one). The
-pump drains every readable socket before polling again, so a burst of iopub
+pump drains every readable socket before waiting again, so a burst of iopub
 messages is handled in one go; sends come from any greenlet and are
 serialized per socket so multipart messages never interleave.
+
+The four kernel sockets are plain (not zmq.green) pyzmq sockets driven by
+hand, because zmq.green costs tens of microseconds per message on the relay's
+hot path (a state watcher per socket firing on every FD signal, a Poller and
+two gevent Timeouts built for every poll). Instead the pump drains the sockets
+it has reason to look at, then waits on the sockets' FDs with watchers made
+once, and when woken asks ZeroMQ (`zmq_poll`, timeout 0) which of the four now
+hold messages, so that messages arriving on several sockets at once leave in
+one WebSocket write. (One `zmq_poll` per wake-up, not per loop: for each
+socket it checks, ZeroMQ makes syscalls.)
+
+ZeroMQ's FD is edge-triggered: it signals a change of state, and whoever next
+processes the socket's commands (a recv, a send, an EVENTS query, zmq_poll)
+consumes the signal. So a socket stays "unchecked" until a recv found it empty
+or zmq_poll found nothing in it (from then on its FD signals the next
+message), and after every send, which may have consumed a signal meant for
+the pump, a zmq_poll of that socket says whether it must be looked at again
+(and the pump is woken if it waits).
 """
 import logging
 import time
 
 import gevent
-import zmq.backend as zmq_backend
-import zmq.green as zmq
+import zmq
+from gevent.hub import Waiter, get_hub
 from gevent.lock import Semaphore
+from zmq.backend import zmq_poll
 
 from . import wire
 
@@ -19,17 +38,32 @@ log = logging.getLogger(__name__)
 
 CHANNELS = ("shell", "control", "stdin", "iopub")
 PUMP_BATCH = 100
-# pyzmq's own (Cython) recv/send/get, without zmq.green's bookkeeping on every call
-_plain_recv = zmq_backend.Socket.recv
-_plain_send = zmq_backend.Socket.send
-_plain_get = zmq_backend.Socket.get
+# Per drain, ask zmq_poll before each of the first POLL_FIRST receives instead of receiving until
+# zmq.Again: raising Again costs more than a poll (pyzmq builds the exception in Python, with an
+# import), and a round trip's wake-ups bring one or two messages. Floods go on to Again.
+POLL_FIRST = 4
+PUMP_IDLE_WAKE = 1.0  # seconds: a safety net only; the pump is woken by its sockets
+SEND_RETRY_WAKE = 0.05  # seconds: the same while a send waits for room (rare: HWM reached)
+# pyzmq's own (Cython) recv/send/get, called directly on the hot path
+_plain_recv = zmq.backend.Socket.recv
+_plain_send = zmq.backend.Socket.send
+_plain_get = zmq.backend.Socket.get
+# plain ints: pyzmq's enums cost a Python-level call for every `|` or `&`
+NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+EVENTS, POLLIN, POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 
 
 def recv_ready_multipart(sock):
-    """One whole message from a socket the poller says is readable (raises zmq.Again if none)."""
-    frames = [_plain_recv(sock, zmq.NOBLOCK)]
-    while _plain_get(sock, zmq.RCVMORE):
-        frames.append(_plain_recv(sock, zmq.NOBLOCK))
+    """One whole message from a readable socket (raises zmq.Again if none).
+
+    Frames are received uncopied because a Frame knows whether more parts
+    follow: cheaper than asking the socket for RCVMORE after each part.
+    """
+    frame = _plain_recv(sock, NOBLOCK, False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = _plain_recv(sock, NOBLOCK, False)
+        frames.append(frame.bytes)
     return frames
 
 HEARTBEAT_INTERVAL = 2.0
@@ -63,6 +97,15 @@ class KernelConnection:
         self.internal = set()  # msg_ids of our own kernel_info requests: their replies are not relayed
         self._pump = None
         self._heartbeat = None
+        self._hub = get_hub()
+        self._index = {name: i for i, name in enumerate(CHANNELS)}
+        self._poll_items = []  # [(socket, POLLIN)] in CHANNELS order, for zmq_poll
+        self._poll_one = []  # [[(socket, POLLIN)]] the same, one list per socket
+        self._socket_index = {}  # socket -> its index in CHANNELS
+        # Per socket (CHANNELS order): may it hold messages nobody has looked for yet?
+        self._unchecked = [True] * len(CHANNELS)
+        self._watchers = []  # one read watcher per socket FD, started only while waiting
+        self._waiter = None  # the Waiter of whoever waits for readable sockets (pump or kernel_info)
 
     def url(self, port):
         transport = self.info.get("transport", "tcp")
@@ -72,17 +115,24 @@ class KernelConnection:
     def connect(self):
         identity = self.session_id.encode()
         for name in ("shell", "control", "stdin"):
-            sock = self.context.socket(zmq.DEALER)
+            sock = self.context.socket(zmq.DEALER, socket_class=zmq.Socket)  # plain: see the module doc
             sock.setsockopt(zmq.IDENTITY, identity)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self.url(self.info[f"{name}_port"]))
             self.sockets[name] = sock
-        iopub = self.context.socket(zmq.SUB)
+        iopub = self.context.socket(zmq.SUB, socket_class=zmq.Socket)
         iopub.setsockopt(zmq.SUBSCRIBE, b"")
         iopub.setsockopt(zmq.LINGER, 0)
         iopub.setsockopt(zmq.RCVHWM, 0)  # never drop output on our side
         iopub.connect(self.url(self.info["iopub_port"]))
         self.sockets["iopub"] = iopub
+        loop = self._hub.loop
+        for index, name in enumerate(CHANNELS):
+            sock = self.sockets[name]
+            self._poll_items.append((sock, POLLIN))
+            self._poll_one.append([(sock, POLLIN)])
+            self._socket_index[sock] = index
+            self._watchers.append(loop.io(_plain_get(sock, zmq.FD), 1))
 
     # -- sending -----------------------------------------------------------
 
@@ -106,37 +156,88 @@ class KernelConnection:
                                 metadata, content, buffers)
         sock = self.sockets[channel]
         with self._locks[channel]:
-            try:  # the common case, without zmq.green's bookkeeping
-                _plain_send(sock, frames[0], zmq.NOBLOCK | zmq.SNDMORE)
-            except zmq.Again:  # the queue is full: wait cooperatively
-                sock.send_multipart(frames, copy=False)
-                return msg_id
+            while True:
+                try:
+                    _plain_send(sock, frames[0], NOBLOCK | SNDMORE)
+                    break
+                except zmq.Again:  # the queue is full (or no peer yet): wait cooperatively
+                    self._wait_writable(sock)
             # Once the first part is queued, ZeroMQ takes the rest of the message.
             for frame in frames[1:-1]:
-                _plain_send(sock, frame, zmq.SNDMORE)
+                _plain_send(sock, frame, SNDMORE)
             _plain_send(sock, frames[-1], 0)
+        index = self._index[channel]
+        if zmq_poll(self._poll_one[index], 0):
+            # This send may have consumed the FD signal that would have told the pump.
+            self._unchecked[index] = True
+            waiter = self._waiter
+            if waiter is not None:
+                self._hub.loop.run_callback(waiter.switch, None)
         return msg_id
+
+    def _wait_writable(self, sock):
+        """Wait cooperatively until `sock` has room to send (re-checking EVENTS before each wait)."""
+        watcher = self._hub.loop.io(_plain_get(sock, zmq.FD), 1)
+        try:
+            while not _plain_get(sock, EVENTS) & POLLOUT:
+                # Another greenlet may consume the FD's signal first: wait briefly, then ask again.
+                with gevent.Timeout(SEND_RETRY_WAKE, False):
+                    self._hub.wait(watcher)
+        finally:
+            watcher.close()
 
     # -- receiving ---------------------------------------------------------
 
+    def _wait_readable(self, timeout):
+        """Sleep until a socket's FD signals or `timeout`, then mark the sockets holding messages."""
+        waiter = self._waiter = Waiter(self._hub)
+        timer = self._hub.loop.timer(timeout)  # a safety net: the FDs should wake us
+        watchers = self._watchers
+        try:
+            for watcher in watchers:
+                watcher.start(waiter.switch, None)
+            timer.start(waiter.switch, None)
+            waiter.get()
+        finally:
+            self._waiter = None
+            for watcher in watchers:
+                watcher.stop()
+            timer.close()
+        for sock, _ in zmq_poll(self._poll_items, 0):
+            self._unchecked[self._socket_index[sock]] = True
+
+    def _receive(self, batch):
+        """Yield (index, frames) from the unchecked sockets, at most `batch` messages from each.
+
+        A socket found empty is checked; one that gave `batch` messages stays unchecked.
+        """
+        unchecked = self._unchecked
+        for index, name in enumerate(CHANNELS):
+            if not unchecked[index]:
+                continue
+            unchecked[index] = False  # before receiving: a send meanwhile may set it again
+            sock = self.sockets[name]
+            poll_one = self._poll_one[index]
+            for count in range(batch):
+                if count < POLL_FIRST:
+                    if not zmq_poll(poll_one, 0):
+                        break
+                    frames = recv_ready_multipart(sock)  # POLLIN: a whole message is there
+                else:
+                    try:
+                        frames = recv_ready_multipart(sock)
+                    except zmq.Again:
+                        break
+                yield index, frames
+            else:
+                unchecked[index] = True
+
     def recv_ready(self, timeout_ms):
         """Yield (channel, frames) for what arrives within `timeout_ms` (then drains)."""
-        poller = zmq.Poller()
-        for name in CHANNELS:
-            poller.register(self.sockets[name], zmq.POLLIN)
-        for sock, _ in poller.poll(timeout_ms):
-            name = self._name_of(sock)
-            while True:
-                try:
-                    yield name, sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-
-    def _name_of(self, sock):
-        for name, s in self.sockets.items():
-            if s is sock:
-                return name
-        raise KeyError(sock)
+        if not any(self._unchecked):
+            self._wait_readable(timeout_ms / 1000)
+        for index, frames in self._receive(1 << 30):
+            yield CHANNELS[index], frames
 
     def start_pump(self, on_message):
         """Spawn the greenlet that hands every kernel message to `on_message`."""
@@ -144,30 +245,25 @@ class KernelConnection:
         return self._pump
 
     def _run_pump(self, on_message):
-        poller = zmq.Poller()
-        names = {}
-        for name in CHANNELS:
-            poller.register(self.sockets[name], zmq.POLLIN)
-            names[self.sockets[name]] = name
-        while not self.closed:
-            try:
-                ready = poller.poll(1000)
-            except zmq.ZMQError:
-                if self.closed:
-                    return
+        unchecked = self._unchecked
+        unchecked[:] = [True] * len(CHANNELS)  # whatever came before, look everywhere once
+        try:
+            while not self.closed:
+                if not any(unchecked):
+                    self._wait_readable(PUMP_IDLE_WAKE)
+                    continue
+                # Drain, but at most PUMP_BATCH per socket so the others get a turn.
+                for index, frames in self._receive(PUMP_BATCH):
+                    self._dispatch(CHANNELS[index], frames, on_message)
+                    if self.closed:
+                        return
+                if any(unchecked):
+                    # More to read: first let the WebSocket writer, HTTP and pings run (a
+                    # flooding kernel must not starve them).
+                    gevent.sleep(0)
+        except zmq.ZMQError:
+            if not self.closed:
                 raise
-            for sock, _ in ready:
-                name = names[sock]
-                for _ in range(PUMP_BATCH):  # drain, but let the other sockets have a turn
-                    try:
-                        frames = recv_ready_multipart(sock)
-                    except zmq.Again:
-                        break
-                    self._dispatch(name, frames, on_message)
-                sock._Socket__state_changed()  # what zmq.green does after each recv, once per batch
-            # zmq.green's poll returns at once while messages wait: without this yield a
-            # flooding kernel would starve the WebSocket writer, HTTP and pings.
-            gevent.sleep(0)
 
     def _dispatch(self, name, frames, on_message):
         try:
@@ -175,7 +271,8 @@ class KernelConnection:
         except wire.WireError as exc:
             log.warning("session %s: dropped a %s message from the kernel: %s", self.session_id, name, exc)
             return
-        if self.internal and any(msg_id in msg.parent_raw for msg_id in self.internal):
+        internal = self.internal  # (the cheap substring test first: this runs for every message)
+        if internal and b"kernel_info_request" in msg.parent_raw and any(i in msg.parent_raw for i in internal):
             return  # a late answer to one of our start-up kernel_info requests
         try:
             on_message(msg, header_raw)
@@ -264,6 +361,9 @@ class KernelConnection:
         for greenlet in (self._pump, self._heartbeat):
             if greenlet is not None and greenlet is not current:
                 greenlet.kill(block=True, timeout=2)
+        for watcher in self._watchers:  # before the sockets (and their FDs) go
+            watcher.close()
+        self._watchers = []
         for sock in self.sockets.values():
             sock.close(0)
         self.sockets = {}
