@@ -31,6 +31,7 @@ import zmq
 from gevent.hub import Waiter, get_hub
 from gevent.lock import Semaphore
 from zmq.backend import zmq_poll
+from zmq.utils import monitor as zmq_monitor
 
 from . import wire
 
@@ -294,32 +295,66 @@ class KernelConnection:
         reply = None
         iopub_live = False
         next_request = 0.0
-        while not (reply is not None and iopub_live):
-            now = time.monotonic()
-            if now >= deadline:
-                raise KernelConnectError("Timed out waiting to connect to session's ZeroMQ sockets after "
-                                         f"{timeout:g} seconds", "timeout")
-            reason = should_abort()
-            if reason:
-                raise KernelConnectError(reason, "aborted")
-            if now >= next_request:
-                msg_id = self.send("shell", "kernel_info_request", {})
-                ours.add(msg_id)
-                self.internal.add(msg_id.encode())
-                next_request = now + (0.2 if reply is not None else 1.0)
-            for name, frames in self.recv_ready(50):
-                try:
-                    msg, header_raw = wire.parse_kernel_frames(name, frames, self.signer)
-                except wire.WireError as exc:
-                    raise KernelConnectError(f"invalid message from the kernel on {name}: {exc}", "error") from None
-                if msg.parent_msg_id in ours:
-                    if name == "shell" and msg.msg_type == "kernel_info_reply" and reply is None:
-                        reply = msg.content
-                    elif name == "iopub":
-                        iopub_live = True
-                    continue
-                on_early_message(msg, header_raw)
+        handshakes = self._watch_handshakes(("control", "stdin"))
+        try:
+            while not (reply is not None and iopub_live and not self._pending_handshakes(handshakes)):
+                now = time.monotonic()
+                if now >= deadline:
+                    raise KernelConnectError("Timed out waiting to connect to session's ZeroMQ sockets after "
+                                             f"{timeout:g} seconds", "timeout")
+                reason = should_abort()
+                if reason:
+                    raise KernelConnectError(reason, "aborted")
+                if now >= next_request:
+                    msg_id = self.send("shell", "kernel_info_request", {})
+                    ours.add(msg_id)
+                    self.internal.add(msg_id.encode())
+                    next_request = now + (0.2 if reply is not None else 1.0)
+                for name, frames in self.recv_ready(50):
+                    try:
+                        msg, header_raw = wire.parse_kernel_frames(name, frames, self.signer)
+                    except wire.WireError as exc:
+                        raise KernelConnectError(f"invalid message from the kernel on {name}: {exc}",
+                                                 "error") from None
+                    if msg.parent_msg_id in ours:
+                        if name == "shell" and msg.msg_type == "kernel_info_reply" and reply is None:
+                            reply = msg.content
+                        elif name == "iopub":
+                            iopub_live = True
+                        continue
+                    on_early_message(msg, header_raw)
+        finally:
+            for name, monitor in handshakes.items():
+                self.sockets[name].disable_monitor()
+                monitor.close(0)
         return reply
+
+    def _watch_handshakes(self, names):
+        """Monitors that report when our control/stdin connections are really up.
+
+        kernel_info proves shell and iopub; a kernel can only reach *us* on stdin
+        (input_request) once that socket's ZMTP handshake is done, or the message
+        is dropped by the kernel's ROUTER. So start waits for those too.
+        """
+        event = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", None)
+        if event is None:  # libzmq < 4.3: cannot tell; rely on kernel_info alone
+            return {}
+        return {name: self.sockets[name].get_monitor_socket(event) for name in names}
+
+    def _pending_handshakes(self, monitors):
+        """Drop the monitors whose socket has completed its handshake; True while any remain."""
+        for name, monitor in list(monitors.items()):
+            try:
+                while True:
+                    event = zmq_monitor.recv_monitor_message(monitor, NOBLOCK)
+                    if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                        self.sockets[name].disable_monitor()
+                        monitor.close(0)
+                        del monitors[name]
+                        break
+            except zmq.Again:
+                pass
+        return bool(monitors)
 
     # -- heartbeat ----------------------------------------------------------------
 
