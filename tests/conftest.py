@@ -135,6 +135,20 @@ def wait_for(predicate, timeout, what="condition", interval=0.05):
         time.sleep(interval)
 
 
+def pid_gone(pid):
+    """True once `pid` has exited (a zombie counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids, timeout=10):
+    """Wait until every pid in `pids` has exited; fail after `timeout` s."""
+    wait_for(lambda: not [pid for pid in pids if not pid_gone(pid)], timeout,
+             what=f"processes {list(pids)} to exit")
+
+
 def get_session(server, session_id):
     return server.client.call("GET", f"/sessions/{session_id}")
 

@@ -17,9 +17,20 @@ import uuid
 import psutil
 import pytest
 import websocket
+from conftest import (
+    FAKE_KERNEL,
+    PYTHON,
+    ServerProcess,
+    fake_kernel_session,
+    get_session,
+    new_id,
+    pid_gone,
+    replies_to,
+    start_session,
+    stream_text,
+    wait_for,
+)
 
-from conftest import (FAKE_KERNEL, PYTHON, ServerProcess, fake_kernel_session, get_session, new_id, replies_to,
-                      start_session, stream_text, wait_for)
 from kcgevent.session.session import free_ports
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -54,17 +65,8 @@ def raw_request(server, method, path, body=None, *, raw_body=None, headers=None,
     return response.status, response.headers, decoded
 
 
-def pid_gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 def status_of(server, session_id):
     return get_session(server, session_id)["status"]
-
-
 
 
 def assert_error(status, body, http_status, code, message_part=None):

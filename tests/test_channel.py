@@ -13,9 +13,21 @@ import gevent
 import psutil
 import pytest
 import websocket
+from conftest import (
+    PYTHON,
+    fake_kernel_session,
+    get_session,
+    is_idle_for,
+    kernel_events,
+    new_id,
+    pid_gone,
+    replies_to,
+    start_session,
+    stream_text,
+    summary,
+    wait_for,
+)
 
-from conftest import (PYTHON, fake_kernel_session, get_session, is_idle_for, kernel_events, new_id, replies_to,
-                      start_session, stream_text, summary, wait_for)
 from kcgevent.client import execute_request, jupyter_message, python_kernel_session
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,13 +44,6 @@ def is_jupyter(frame, msg_type, request=None):
 
 def is_event(frame, name):
     return frame.get("kind") == "kernel" and name in frame
-
-
-def pid_gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def stream_lines(frames, request=None):

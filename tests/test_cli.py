@@ -13,8 +13,8 @@ import uuid
 
 import psutil
 import pytest
+from conftest import fake_kernel_session, new_id, pid_gone
 
-from conftest import fake_kernel_session, new_id
 from kcgevent.client import Client
 
 PYTHON = sys.executable
@@ -24,13 +24,6 @@ UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]
 def run_cli(*args, timeout=20, env=None):
     return subprocess.run([PYTHON, "-m", "kcgevent", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
-
-
-def pid_gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 class CliServer:

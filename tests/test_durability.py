@@ -20,12 +20,22 @@ import gevent  # noqa: E402
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 import websocket  # noqa: E402
+from conftest import (  # noqa: E402
+    FAKE_KERNEL,
+    HERE,
+    PYTHON,
+    fake_kernel_session,
+    is_idle_for,
+    kernel_events,
+    new_id,
+    replies_to,
+    start_session,
+    stream_text,
+    wait_for,
+    wait_gone,
+)
 
 from kcgevent.client import python_kernel_session  # noqa: E402
-
-from conftest import (wait_for,   # noqa: E402
-    FAKE_KERNEL, HERE, PYTHON, fake_kernel_session, is_idle_for, kernel_events, new_id, replies_to,
-    start_session, stream_text)
 
 FLOOD = 10_000
 EXPECTED = [f"{i}\n" for i in range(FLOOD)]
@@ -123,7 +133,6 @@ def session_info(server, session_id):
     return server.client.call("GET", f"/sessions/{session_id}")
 
 
-
 def wait_status(server, session_id, status, timeout=15):
     last = {}
 
@@ -135,24 +144,6 @@ def wait_status(server, session_id, status, timeout=15):
     except TimeoutError:
         raise AssertionError(f"session {session_id} is {last.get('status')!r}, not {status!r}, "
                              f"after {timeout} s") from None
-
-
-def pid_gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone(pids, timeout=10):
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [pid for pid in pids if not pid_gone(pid)]
-        if not alive:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes still alive after {timeout} s: {alive}")
-        time.sleep(0.05)
 
 
 def kernel_pid(server, session_id):

@@ -15,8 +15,8 @@ import time
 
 import psutil
 import websocket
+from conftest import PYTHON, fake_kernel_session, is_idle_for, new_id, pid_gone, replies_to, stream_text, summary
 
-from conftest import PYTHON, fake_kernel_session, is_idle_for, new_id, replies_to, stream_text, summary
 from kcgevent.client import Client, execute_request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,13 +40,6 @@ def read_port(proc, timeout=20):
                 continue
             line += chunk
     return int(line.strip())
-
-
-def pid_gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def recv_until(ws, predicate, timeout=15):

@@ -16,10 +16,9 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+from conftest import new_id, replies_to, stream_text, wait_gone  # noqa: E402
 
 from kcgevent.client import execute_request, python_kernel_session  # noqa: E402
-
-from conftest import new_id, replies_to, stream_text  # noqa: E402
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="startup environments are POSIX only")
 
@@ -48,23 +47,6 @@ def start_ok(server, body):
     status, answer, _ = start_watching(server, body)
     assert status == 200, answer
     return answer
-
-
-def gone(pid):
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone(pids, timeout=10):
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [pid for pid in pids if not gone(pid)]
-        if not alive:
-            return
-        assert time.monotonic() < deadline, f"still alive after {timeout} s: {alive}"
-        time.sleep(0.05)
 
 
 def run_code(channel, code, timeout=20):

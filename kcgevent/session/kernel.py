@@ -96,6 +96,7 @@ class KernelConnection:
         self._locks = {name: Semaphore() for name in CHANNELS}
         self.closed = False
         self.internal = set()  # msg_ids of our own kernel_info requests: their replies are not relayed
+        self._handshake_monitors = {}  # channel name -> monitor socket, until its handshake is seen
         self._pump = None
         self._heartbeat = None
         self._hub = get_hub()
@@ -119,8 +120,10 @@ class KernelConnection:
             sock = self.context.socket(zmq.DEALER, socket_class=zmq.Socket)  # plain: see the module doc
             sock.setsockopt(zmq.IDENTITY, identity)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.url(self.info[f"{name}_port"]))
             self.sockets[name] = sock
+            if name != "shell":
+                self._watch_handshake(name)  # before connecting, or the event may come first
+            sock.connect(self.url(self.info[f"{name}_port"]))
         iopub = self.context.socket(zmq.SUB, socket_class=zmq.Socket)
         iopub.setsockopt(zmq.SUBSCRIBE, b"")
         iopub.setsockopt(zmq.LINGER, 0)
@@ -295,7 +298,7 @@ class KernelConnection:
         reply = None
         iopub_live = False
         next_request = 0.0
-        handshakes = self._watch_handshakes(("control", "stdin"))
+        handshakes = self._handshake_monitors
         try:
             while not (reply is not None and iopub_live and not self._pending_handshakes(handshakes)):
                 now = time.monotonic()
@@ -329,17 +332,16 @@ class KernelConnection:
                 monitor.close(0)
         return reply
 
-    def _watch_handshakes(self, names):
-        """Monitors that report when our control/stdin connections are really up.
+    def _watch_handshake(self, name):
+        """A monitor that reports when our `name` connection is really up.
 
         kernel_info proves shell and iopub; a kernel can only reach *us* on stdin
         (input_request) once that socket's ZMTP handshake is done, or the message
-        is dropped by the kernel's ROUTER. So start waits for those too.
+        is dropped by the kernel's ROUTER. So start waits for control and stdin too.
         """
         event = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", None)
-        if event is None:  # libzmq < 4.3: cannot tell; rely on kernel_info alone
-            return {}
-        return {name: self.sockets[name].get_monitor_socket(event) for name in names}
+        if event is not None:  # libzmq < 4.3 cannot tell: kernel_info alone must do
+            self._handshake_monitors[name] = self.sockets[name].get_monitor_socket(event)
 
     def _pending_handshakes(self, monitors):
         """Drop the monitors whose socket has completed its handshake; True while any remain."""
