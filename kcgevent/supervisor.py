@@ -8,9 +8,9 @@ and graceful shutdown.
 import json
 import logging
 import os
+import hashlib
 import re
 import shutil
-import hashlib
 import tempfile
 import time
 import uuid
@@ -40,12 +40,11 @@ class Supervisor:
         self.zmq_context = zmq.Context()
         self.kernel_dir = tempfile.mkdtemp(prefix="kcgevent-")
         self.session_sockets = None  # set by the server in socket mode: opens per-session listeners
-        self.channel_endpoint = None  # callable(session) -> str for non-TCP transports
+        self.channel_endpoint = None  # callable(session) -> where its channel is, for non-TCP transports
         self.on_shutdown = []  # callables run once the kernels are gone
         self.client_pid = None
         self.last_nudge = time.monotonic()
         self.shutting_down = False
-        self._samplers = []
         self._sampler = None
         self._idle_watch = None
 
@@ -155,10 +154,6 @@ class Supervisor:
             self.client_pid = process_id
 
     # -- channels ----------------------------------------------------------------
-
-    def channel_path(self, session):
-        """Where a client opens this session's channel, for non-TCP transports."""
-        return self.channel_endpoint(session)
 
     def close_channel_endpoint(self, session):
         if self.session_sockets is not None:

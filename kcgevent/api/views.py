@@ -198,7 +198,7 @@ def channels_upgrade(session_id):
     sup = supervisor()
     session = sup.get(session_id)
     if sup.channel_endpoint is not None:
-        return jsonify(sup.channel_path(session))
+        return jsonify(sup.channel_endpoint(session))
     return serve_channel(sup, session, request.environ)
 
 
