@@ -5,23 +5,20 @@ pump drains every readable socket before waiting again, so a burst of iopub
 messages is handled in one go; sends come from any greenlet and are
 serialized per socket so multipart messages never interleave.
 
-The four kernel sockets are plain (not zmq.green) pyzmq sockets driven by
-hand, because zmq.green costs tens of microseconds per message on the relay's
-hot path (a state watcher per socket firing on every FD signal, a Poller and
-two gevent Timeouts built for every poll). Instead the pump drains the sockets
-it has reason to look at, then waits on the sockets' FDs with watchers made
-once, and when woken asks ZeroMQ (`zmq_poll`, timeout 0) which of the four now
-hold messages, so that messages arriving on several sockets at once leave in
-one WebSocket write. (One `zmq_poll` per wake-up, not per loop: for each
-socket it checks, ZeroMQ makes syscalls.)
+The four kernel sockets are plain pyzmq sockets, not zmq.green ones:
+zmq.green costs tens of microseconds per message on the relay's hot path (a
+state watcher per socket firing on every FD signal, a Poller and two gevent
+Timeouts built per poll). The pump drains the sockets it has reason to look
+at, then waits on their FDs with watchers made once; woken, it asks ZeroMQ
+(`zmq_poll`, timeout 0) which sockets hold messages, so messages arriving on
+several sockets at once leave in one WebSocket write.
 
 ZeroMQ's FD is edge-triggered: it signals a change of state, and whoever next
-processes the socket's commands (a recv, a send, an EVENTS query, zmq_poll)
-consumes the signal. So a socket stays "unchecked" until a recv found it empty
-or zmq_poll found nothing in it (from then on its FD signals the next
-message), and after every send, which may have consumed a signal meant for
-the pump, a zmq_poll of that socket says whether it must be looked at again
-(and the pump is woken if it waits).
+processes the socket's commands (a recv, a send, zmq_poll) consumes the
+signal. So a socket stays "unchecked" until a recv or a zmq_poll found it
+empty (from then on its FD signals the next message), and after every send,
+which may have consumed a signal meant for the pump, a zmq_poll of that
+socket says whether the pump must look at it again (and wakes it if it waits).
 """
 import logging
 import time
@@ -66,6 +63,7 @@ def recv_ready_multipart(sock):
         frame = _plain_recv(sock, NOBLOCK, False)
         frames.append(frame.bytes)
     return frames
+
 
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TIMEOUT = 5.0
