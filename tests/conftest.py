@@ -219,8 +219,19 @@ class Channel:
                 return got
 
     def until_idle(self, request, timeout=15):
-        """Frames up to the kernel's idle status for `request`."""
-        return self.until(lambda f: is_idle_for(f, request), timeout)
+        """Frames up to the kernel's idle status for `request` (and, for code, its execute_reply).
+
+        iopub and shell are separate sockets: the idle may overtake the reply.
+        """
+        wants_reply = request["header"]["msg_type"] == "execute_request"
+        seen = {"idle": False, "reply": not wants_reply}
+
+        def done(frame):
+            seen["idle"] |= is_idle_for(frame, request)
+            seen["reply"] |= bool(replies_to([frame], request, "execute_reply"))
+            return seen["idle"] and seen["reply"]
+
+        return self.until(done, timeout)
 
     def close(self):
         self.ws.close()
