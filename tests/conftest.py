@@ -224,7 +224,8 @@ class Channel:
         iopub and shell are separate sockets: the idle may overtake the reply.
         """
         wants_reply = request["header"]["msg_type"] == "execute_request"
-        seen = {"idle": False, "reply": not wants_reply}
+        seen = {"idle": False,  # the idle ends the wait, so only a reply can have come before
+                "reply": not wants_reply or bool(replies_to(self.frames, request, "execute_reply"))}
 
         def done(frame):
             seen["idle"] |= is_idle_for(frame, request)
