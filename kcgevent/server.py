@@ -125,7 +125,7 @@ class Server:
             if self.handshake_socket:
                 announce.send_handshake(self.handshake_socket, info)
         except (OSError, announce.AnnounceError) as exc:
-            self._stop()
+            supervisor.shutdown()  # also stops the listener (on_shutdown)
             raise ServerError(f"Could not announce the server: {exc}") from None
 
     def _stop(self):

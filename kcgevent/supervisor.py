@@ -38,7 +38,7 @@ class Supervisor:
         self._started_mono = time.monotonic()
         self.sessions = {}  # insertion order = creation order
         self.zmq_context = zmq.Context()
-        self.kernel_dir = tempfile.mkdtemp(prefix="kcgevent-")
+        self._kernel_dir = None  # made when the first kernel file is written
         self.session_sockets = None  # set by the server in socket mode: opens per-session listeners
         self.channel_endpoint = None  # callable(session) -> where its channel is, for non-TCP transports
         self.on_shutdown = []  # callables run once the kernels are gone
@@ -91,6 +91,13 @@ class Supervisor:
 
     # -- kernel files ---------------------------------------------------------
 
+    @property
+    def kernel_dir(self):
+        """Our private (0700) directory for kernel connection files."""
+        if self._kernel_dir is None:
+            self._kernel_dir = tempfile.mkdtemp(prefix="kcgevent-")
+        return self._kernel_dir
+
     def _kernel_file(self, session_id, kind):
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", session_id)[:40]
         digest = hashlib.sha256(session_id.encode()).hexdigest()[:10]
@@ -105,6 +112,8 @@ class Supervisor:
         return path
 
     def remove_kernel_files(self, session_id):
+        if self._kernel_dir is None:
+            return
         for kind in ("connection", "registration"):
             try:
                 os.unlink(self._kernel_file(session_id, kind))
@@ -272,6 +281,7 @@ class Supervisor:
         for greenlet in (self._sampler, self._idle_watch):
             if greenlet is not None:
                 greenlet.kill(block=False)
-        shutil.rmtree(self.kernel_dir, ignore_errors=True)
+        if self._kernel_dir is not None:
+            shutil.rmtree(self._kernel_dir, ignore_errors=True)
         for callback in self.on_shutdown:
             callback()
