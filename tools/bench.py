@@ -40,7 +40,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from kcgevent.client import Client, execute_request, python_kernel_session  # noqa: E402
+from kcgevent.session.session import free_ports  # noqa: E402
 
 PYTHON = sys.executable
 FAKE_KERNEL = os.path.join(ROOT, "tests", "kernels", "fake_kernel.py")
@@ -154,18 +154,6 @@ class Reaper:
 REAPER = Reaper()
 SCRATCH_DIRS = []  # removed at exit (the Unix socket directories)
 
-
-def free_ports(n):
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def cpu_seconds(pid):
@@ -533,41 +521,13 @@ class DirectKernel:
                    "allow_stdin": False, "stop_on_error": True}
         return self.session.send(self.shell, "execute_request", content)["header"]["msg_id"]
 
-    def roundtrip(self, code, timeout=30):
-        deadline = time.monotonic() + timeout
-        t0 = now()
-        msg_id = self._execute(code)
+    def _messages_for(self, msg_id, deadline, silence):
+        """(msg_type, content) of each message answering `msg_id`, until its reply and idle have come."""
         got_reply = got_idle = False
         while not (got_reply and got_idle):
-            ready = self.poller.poll(remaining(deadline) * 1000)
-            for sock, _ in ready:
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    header, parent, content = self.decode(frames)
-                    if parent.get("msg_id") != msg_id:
-                        continue
-                    if header["msg_type"] == "execute_reply":
-                        got_reply = True
-                    elif header["msg_type"] == "status" and content.get("execution_state") == "idle":
-                        got_idle = True
-        return now() - t0
-
-    def flood(self, n, timeout=120):
-        deadline = time.monotonic() + timeout
-        expected = 0
-        problems = []
-        t_last = None
-        stats = ArrivalStats()
-        t0 = now()
-        msg_id = self._execute(f"flood {n}")
-        got_reply = got_idle = False
-        while not (got_reply and got_idle):
-            ready = self.poller.poll(min(remaining(deadline), 30) * 1000)
+            ready = self.poller.poll(min(remaining(deadline), silence) * 1000)
             if not ready:
-                raise TimeoutError(f"direct flood: nothing for 30 s ({expected}/{n})")
+                raise TimeoutError(f"direct: nothing from the kernel for {silence} s")
             for sock, _ in ready:
                 while True:
                     try:
@@ -578,16 +538,31 @@ class DirectKernel:
                     if parent.get("msg_id") != msg_id:
                         continue
                     msg_type = header["msg_type"]
-                    if msg_type == "stream":
-                        text = content["text"]
-                        if text != f"{expected}\n" and len(problems) < 5:
-                            problems.append(f"expected {expected!r}, got {text!r}")
-                        expected = int(text) + 1 if text[:-1].isdigit() else expected + 1
-                        t_last = stats.arrived(now())
-                    elif msg_type == "execute_reply":
-                        got_reply = True
-                    elif msg_type == "status" and content.get("execution_state") == "idle":
-                        got_idle = True
+                    got_reply |= msg_type == "execute_reply"
+                    got_idle |= msg_type == "status" and content.get("execution_state") == "idle"
+                    yield msg_type, content
+
+    def roundtrip(self, code, timeout=30):
+        deadline = time.monotonic() + timeout
+        t0 = now()
+        for _ in self._messages_for(self._execute(code), deadline, timeout):
+            pass
+        return now() - t0
+
+    def flood(self, n, timeout=120):
+        deadline = time.monotonic() + timeout
+        expected = 0
+        problems = []
+        t_last = None
+        stats = ArrivalStats()
+        t0 = now()
+        for msg_type, content in self._messages_for(self._execute(f"flood {n}"), deadline, 30):
+            if msg_type == "stream":
+                text = content["text"]
+                if text != f"{expected}\n" and len(problems) < 5:
+                    problems.append(f"expected {expected!r}, got {text!r}")
+                expected = int(text) + 1 if text[:-1].isdigit() else expected + 1
+                t_last = stats.arrived(now())
         return finish_flood(n, expected, t0, t_last, problems, stats)
 
     def close(self):
