@@ -1,8 +1,12 @@
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("kcgevent/__init__.py", encoding="utf-8").read())[1]
 
 setup(
     name="kcgevent",
-    version="0.1.0",
+    version=VERSION,
     description="A durable, headless supervisor for Jupyter kernels, wire-compatible with Kallichore",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

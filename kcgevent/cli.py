@@ -8,6 +8,7 @@ import sys
 
 import argh
 
+from . import __version__
 from .config import ServerConfig, VERSION
 from .server import Server, ServerError
 
@@ -62,12 +63,12 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
           heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, version=False):
     """Run the kernel supervisor server."""
     if version:
-        print(f"kcgevent {VERSION}")
+        print(f"kcgevent {__version__} (Kallichore API {VERSION})")
         return
     config = ServerConfig(idle_shutdown_hours=idle_shutdown_hours,
                           resource_sample_interval_ms=max(0, resource_sample_interval),
                           log_level=log_level, buffer_limit=buffer_limit, shutdown_timeout=shutdown_timeout,
-                          socket_dir=socket_dir, ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
+                          ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
                           heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds)
     try:
         server = Server(transport=transport, port=port, token=token, unix_socket=unix_socket,

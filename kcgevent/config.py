@@ -9,14 +9,14 @@ class ServerConfig:
     """Everything a supervisor needs to know; defaults suit an embedded use."""
 
     token: str | None = None  # None: auth off
-    transport: str = "tcp"
     idle_shutdown_hours: int | None = None  # None: never; 0: 30 seconds
     resource_sample_interval_ms: int = 1000
     log_level: str | None = None
     buffer_limit: int = 100_000  # frames kept per session for clients
     shutdown_timeout: float = 5.0  # seconds kernels get to exit before their trees are killed
-    socket_dir: str | None = None
     ping_interval: float = 10.0
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 5.0
     idle_shutdown_seconds: float | None = None  # overrides the hours (tests, embedding)
+    max_body_bytes: int = 16 * 1024 * 1024  # a larger HTTP body is refused with 413 before it is read
+    max_message_bytes: int = 64 * 1024 * 1024  # a larger channel message closes the WebSocket with 1009

@@ -84,7 +84,6 @@ class Server:
         elif generated and not (self.connection_file or self.handshake_socket):
             log.info("Generated random auth token: %s", token)
         self.config.token = token
-        self.config.transport = self.transport
         app = create_app(self.config)
         supervisor = app.extensions["kcgevent"]
         self._wire_session_endpoints(supervisor)

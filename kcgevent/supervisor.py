@@ -222,15 +222,21 @@ class Supervisor:
                 gevent.sleep(0.5)
                 continue
             gevent.sleep(interval / 1000)
-            targets = {s.session_id: s.process.pid for s in self.sessions.values()
-                       if s.channel.connected and s.process is not None and not s.process.exited.is_set()}
-            if not targets:
-                continue
-            sampler.sampling_period_ms = interval
-            for session_id, sample in sampler.sample(targets).items():
-                session = self.sessions.get(session_id)
-                if session is not None:
-                    session.record_resource_usage(sample)
+            try:  # one bad sample must not end sampling for good
+                self._sample_once(sampler, interval)
+            except Exception:
+                log.exception("resource sampling failed; trying again next interval")
+
+    def _sample_once(self, sampler, interval):
+        targets = {s.session_id: s.process.pid for s in self.sessions.values()
+                   if s.channel.connected and s.process is not None and not s.process.exited.is_set()}
+        if not targets:
+            return
+        sampler.sampling_period_ms = interval
+        for session_id, sample in sampler.sample(targets).items():
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.record_resource_usage(sample)
 
     def idle_limit(self):
         """Seconds of idleness before the server shuts itself down, or None."""
@@ -244,17 +250,24 @@ class Supervisor:
     def _run_idle_watch(self):
         while not self.shutting_down:
             gevent.sleep(min(1.0, (self.idle_limit() or 1.0) / 4))
-            limit = self.idle_limit()
-            if limit is None or time.monotonic() - self.last_nudge < limit:
-                continue
-            if self.client_pid and psutil.pid_exists(self.client_pid):
-                continue
-            self.client_pid = None
-            if any(s.status == "busy" or s.channel.connected for s in self.sessions.values()):
-                continue
-            log.info("Idle for %.0f seconds; shutting down", limit)
-            self.request_shutdown()
-            return
+            try:  # one bad value (a client pid, a session) must not end the watch for good
+                if self._idle_too_long():
+                    self.request_shutdown()
+                    return
+            except Exception:
+                log.exception("idle-shutdown check failed; checking again shortly")
+
+    def _idle_too_long(self):
+        limit = self.idle_limit()
+        if limit is None or time.monotonic() - self.last_nudge < limit:
+            return False
+        if self.client_pid and psutil.pid_exists(self.client_pid):
+            return False
+        self.client_pid = None
+        if any(s.status == "busy" or s.channel.connected for s in self.sessions.values()):
+            return False
+        log.info("Idle for %.0f seconds; shutting down", limit)
+        return True
 
     # -- shutdown ----------------------------------------------------------------
 

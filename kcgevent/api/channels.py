@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 from flask import Response
 
 from ..errors import ApiError
+from .auth import authorized
 from ..websocket import ConnectionClosed, HandshakeError, WebSocket, is_upgrade_request
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,8 @@ class AlreadyHandled(Response):
     """What a view returns once it has taken the socket over: nothing more is written."""
 
     def __call__(self, environ, start_response):
+        if "gunicorn.socket" in environ:
+            raise StopIteration  # gunicorn's async workers: the connection is done, write nothing
         return []
 
 
@@ -43,10 +46,12 @@ def serve_channel(supervisor, session, environ):
         raise ApiError(400, "400", "This endpoint needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
     after = resume_position(environ)
     try:
-        ws = WebSocket.accept(environ)
+        ws = WebSocket.accept(environ, supervisor.config.max_message_bytes)
     except HandshakeError as exc:
         raise ApiError(400, "400", str(exc)) from None
     supervisor.nudge()
+    if session.channel.connected:
+        log.info("session %s: a new client takes the channel over from the connected one", session.session_id)
     client = session.channel.attach(ws, after)
     try:
         while True:
@@ -65,15 +70,14 @@ def serve_channel(supervisor, session, environ):
 
 def session_channel_app(supervisor, session_id):
     """A WSGI app serving one session's channel on any path (per-session sockets)."""
-    from .views import token_matches
-
     def app(environ, start_response):
         def fail(status, message):
             body = ('{"code":"%s","message":"%s"}' % (status.split()[0], message)).encode()
             start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
 
-        if not token_matches(environ.get("HTTP_AUTHORIZATION"), supervisor.config.token):
+        if not authorized(environ.get("HTTP_AUTHORIZATION"), supervisor.config.token,
+                          f"channel upgrade of session {session_id}"):
             return fail("401 Unauthorized", "Missing or invalid bearer token")
         session = supervisor.sessions.get(session_id)
         if session is None:

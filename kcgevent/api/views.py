@@ -5,17 +5,19 @@ Each view declares its contract with `@operation` (see contract.py); the
 with the generated marshmallow schemas. Views only translate between HTTP
 and the Supervisor / KernelSession verbs.
 """
-import secrets
 import uuid
 
 from flask import Blueprint, current_app, g, jsonify, request
 from marshmallow import ValidationError
 
 from ..errors import ApiError, StartupError
+from .auth import CHALLENGE, authorized
 from .channels import serve_channel
 from .contract import operation
 from .openapi import render_openapi
+from . import validation
 from .schemas import SCHEMAS
+from .validation import header_safe
 
 bp = Blueprint("kallichore", __name__)
 
@@ -26,28 +28,22 @@ def supervisor():
     return current_app.extensions["kcgevent"]
 
 
-def token_matches(header, token):
-    """Constant-time comparison of an `Authorization: Bearer` header with the token."""
-    if token is None:
-        return True
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), token.encode())
-
-
 @bp.before_request
 def check_auth():
+    request.max_content_length = supervisor().config.max_body_bytes  # 413 before a big body is read
     view = current_app.view_functions.get(request.endpoint)
     op = getattr(view, "operation", None)
     needs_auth = op.auth if op is not None else True
-    if needs_auth and not token_matches(request.headers.get("Authorization"), supervisor().config.token):
-        raise ApiError(401, "401", "Missing or invalid bearer token (send 'Authorization: Bearer <token>')")
+    if needs_auth and not authorized(request.headers.get("Authorization"), supervisor().config.token,
+                                     f"{request.method} {request.path}"):
+        raise ApiError(401, "401", CHALLENGE)
 
 
 @bp.after_request
 def add_span_id(response):
-    response.headers["x-span-id"] = request.headers.get("X-Span-ID") or str(uuid.uuid4())
+    response.headers["x-span-id"] = header_safe(request.headers.get("X-Span-ID") or str(uuid.uuid4()))
     if getattr(g, "ignored_fields", None):
-        response.headers["warning"] = f"Ignoring unknown fields in body: {sorted(g.ignored_fields)}"
+        response.headers["warning"] = header_safe(f"Ignoring unknown fields in body: {sorted(g.ignored_fields)}")
     return response
 
 
@@ -63,21 +59,22 @@ def api_error(exc):
 @bp.errorhandler(StartupError)
 def startup_error(exc):
     response = jsonify(exc.body())
-    response.status_code = 500
+    response.status_code = exc.status
     return response
 
 
 def load_body(name, required=True):
     """Validate the JSON body against schema `name`; a clear 400 when it doesn't fit."""
     schema = SCHEMAS[name]()
-    raw = request.get_data(cache=True)
+    raw = request.get_data(cache=True)  # bounded: a body over max_body_bytes is a 413 before it is read
     if not raw.strip():
         if required:
             raise ApiError(400, "400", f"Missing required body parameter {name}")
         return {}
-    data = request.get_json(silent=True)
-    if data is None:
-        raise ApiError(400, "400", f"Couldn't parse body parameter {name}: the body is not valid JSON")
+    try:
+        data = validation.parse_json(raw)
+    except ApiError as exc:
+        raise ApiError(400, "400", f"Couldn't parse body parameter {name}: {exc.message}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "400", f"Couldn't parse body parameter {name}: expected a JSON object")
     try:
@@ -119,6 +116,8 @@ def list_sessions():
            responses={200: "object", 400: ERROR, 401: None})
 def new_session():
     spec = load_body("newSession")
+    validation.check_session_id(spec["session_id"])
+    validation.check_working_directory(spec.get("working_directory"))
     if spec.pop("run_in_shell", False) and spec["startup_environment"] == "none":
         spec["startup_environment"] = "shell"  # the 2025 client's way of asking for a shell
     session = supervisor().create(spec)
@@ -141,14 +140,16 @@ def delete_session(session_id):
 
 @bp.post("/sessions/<session_id>/start")
 @operation("start-session", "Start the kernel; answers with its kernel_info content",
-           responses={200: "object", 401: None, 404: ERROR, 500: "startupError"})
+           responses={200: "object", 400: "startupError", 401: None, 404: ERROR, 409: "startupError",
+                      500: "startupError"})
 def start_session(session_id):
     return jsonify(supervisor().get(session_id).start())
 
 
 @bp.post("/sessions/<session_id>/restart")
 @operation("restart-session", "Restart the kernel, optionally in a new directory or environment",
-           body="restartSession", responses={200: "any", 401: None, 404: ERROR, 500: "startupError"})
+           body="restartSession", responses={200: "any", 401: None, 404: ERROR, 409: "startupError",
+                                             500: "startupError"})
 def restart_session(session_id):
     session = supervisor().get(session_id)
     try:
@@ -172,7 +173,9 @@ def kill_session(session_id):
            responses={200: "object", 400: ERROR, 401: None, 404: ERROR, 500: ERROR})
 def adopt_session(session_id):
     session = supervisor().get(session_id)
-    return jsonify(session.adopt(load_body("connectionInfo")))
+    info = load_body("connectionInfo")
+    validation.check_connection_info(info)
+    return jsonify(session.adopt(info))
 
 
 @bp.get("/sessions/<session_id>/connection_info")
@@ -225,6 +228,7 @@ def server_status():
            responses={200: "any", 400: ERROR, 401: None})
 def client_heartbeat():
     body = load_body("clientHeartbeat")
+    validation.check_process_id(body.get("process_id"))
     supervisor().heartbeat(body.get("process_id"))
     return null()
 

@@ -17,7 +17,7 @@ import psutil
 
 from ..errors import KsError, StartupError
 from . import process as proc_mod
-from . import wire
+from . import events, wire
 from .channel import Channel
 from .execution_queue import ExecutionQueue
 from .handshake import HandshakeFailed, Registration, wants_handshake
@@ -92,7 +92,7 @@ class KernelSession:
         self.busy_since = now if status == "busy" else None
         if status == "exited":
             self.queue.clear()
-        self.channel.event("status", {"status": status, "reason": reason})
+        self.channel.publish(events.status(status, reason))
         self.supervisor.on_session_status(self, status)
 
     @property
@@ -100,6 +100,7 @@ class KernelSession:
         return self.status in RUNNING
 
     def _on_connect_change(self, connected):
+        log.info("session %s: client %s", self.session_id, "connected" if connected else "disconnected")
         self.supervisor.nudge()
 
     # -- start ----------------------------------------------------------------
@@ -109,45 +110,66 @@ class KernelSession:
         if self._busy_verb or self.running:
             raise StartupError(KsError("StartFailed", f"Failed to start kernel: session {self.session_id} is "
                                        f"already {self._busy_verb + 'ing' if self._busy_verb else self.status}",
-                                       status=500))
+                                       status=409), status=409)
         self._busy_verb = "start"
         try:
             return self._start()
+        except StartupError as exc:
+            log.info("session %s: start failed: %s%s", self.session_id, exc.error.message,
+                     f"; output:\n{exc.output}" if exc.output else "")
+            raise
+        except Exception as exc:  # anything unforeseen (fd limit, ZeroMQ...): clean up, answer a KS error
+            raise self._unexpected_failure("StartFailed", "Failed to start kernel", exc) from None
         finally:
             self._end_verb()
+
+    def _unexpected_failure(self, variant, prefix, exc):
+        """Kill what a failed start spawned, mark the session exited; the StartupError to answer."""
+        log.exception("session %s: %s", self.session_id, prefix.lower())
+        process, connection, self.connection = self.process, self.connection, None
+        output = None
+        if connection is not None:
+            connection.close()
+        if process is not None:
+            process.kill_tree()
+            process.exited.wait(5)
+            output = process.startup_output()
+        self.supervisor.remove_kernel_files(self.session_id)
+        self.set_status("exited", "start failed")
+        return StartupError(KsError(variant, f"{prefix}: {type(exc).__name__}: {exc}", status=500),
+                            exit_code=process.exit_code if process is not None else None, output=output)
 
     def _end_verb(self):
         """A start/restart/adopt is over; messages held for it go nowhere if it failed."""
         self._busy_verb = None
         if self.connection is None:
             for msg in self._held:
-                self.channel.event("error", {"code": "kernel_not_running", "message":
-                                             f"Message {msg.msg_id} ({msg.msg_type}) was not delivered: "
-                                             "the kernel did not start"})
+                self.channel.publish(events.error("kernel_not_running", f"Message {msg.msg_id} ({msg.msg_type}) "
+                                                  "was not delivered: the kernel did not start"))
             self._held = []
 
     def _start(self):
         argv = list(self.spec.get("argv") or [])
-        if not argv:
+        if not argv:  # a session made to adopt a kernel into: nothing to start (a client error)
             raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: "
-                                       "No arguments provided", status=500))
+                                       "No arguments provided (argv is empty: this session can only adopt a "
+                                       "kernel)", status=400), status=400)
         self.set_status("starting", "start API called")
         registration = None
-        if wants_handshake(self.protocol_version):
-            registration = Registration(self.supervisor.zmq_context, self.key)
-            conn_file = self.supervisor.write_kernel_file(self.session_id, "registration",
-                                                          registration.file_content())
-        else:
-            self.connection_info_ = self._new_connection_info()
-            conn_file = self.supervisor.write_kernel_file(self.session_id, "connection", self.connection_info_)
         try:
+            if wants_handshake(self.protocol_version):
+                registration = Registration(self.supervisor.zmq_context, self.key)
+                conn_file = self.supervisor.write_kernel_file(self.session_id, "registration",
+                                                              registration.file_content())
+            else:
+                self.connection_info_ = self._new_connection_info()
+                conn_file = self.supervisor.write_kernel_file(self.session_id, "connection", self.connection_info_)
             process = self._spawn(proc_mod.substitute_argv(argv, conn_file))
-        except StartupError:
+            self.process = process
+            return self._connect_started(process, registration)
+        finally:
             if registration is not None:
                 registration.socket.close(0)
-            raise
-        self.process = process
-        return self._connect_started(process, registration)
 
     def _spawn(self, argv):
         env = proc_mod.resolve_env(self.env_actions)
@@ -163,8 +185,10 @@ class KernelSession:
             raise StartupError(KsError("ProcessStartFailed", str(exc), status=500)) from None
         token = self._exit_token = object()
         try:
-            return proc_mod.KernelProcess.spawn(plan, self._on_output,
-                                                on_exit=lambda code: self._on_exit(token, code))
+            process = proc_mod.KernelProcess.spawn(plan, self._on_output,
+                                                   on_exit=lambda code: self._on_exit(token, code))
+            log.info("session %s: started kernel pid %s: %s", self.session_id, process.pid, plan.command)
+            return process
         except proc_mod.SpawnError as exc:
             self.set_status("exited", f"failed to spawn process: {exc}")
             raise StartupError(KsError("ProcessStartFailed", f"Failed to start process for session: {exc}",
@@ -189,7 +213,7 @@ class KernelSession:
                 ports = registration.wait(timeout, exited)
                 self.connection_info_ = {**ports, "signature_scheme": "hmac-sha256", "key": self.key,
                                          "transport": "tcp", "ip": "127.0.0.1"}
-                self.channel.event("handshakeCompleted", [self.session_id, self.connection_info_])
+                self.channel.publish(events.handshake_completed(self.session_id, self.connection_info_))
                 phase = "connect"
             return self._connect(self.connection_info_, timeout, exited)
         except (HandshakeFailed, KernelConnectError) as exc:
@@ -248,7 +272,7 @@ class KernelSession:
     # -- process events -------------------------------------------------------------
 
     def _on_output(self, stream, line):
-        self.channel.event("output", [stream, line])
+        self.channel.publish(events.output(stream, line))
 
     def _on_exit(self, token, code):
         """The kernel process exited (called once per process, after its output)."""
@@ -257,8 +281,9 @@ class KernelSession:
         # All bookkeeping before the first yield: a restart waiting for this exit
         # must find the old kernel fully retired before it writes the new one's files.
         connection, self.connection = self.connection, None
+        log.info("session %s: kernel exited with code %s", self.session_id, code)
         self.set_status("exited", "child process exited")
-        self.channel.event("exited", code)
+        self.channel.publish(events.exited(code))
         self.supervisor.remove_kernel_files(self.session_id)
         if connection is not None:
             connection.close()
@@ -296,14 +321,13 @@ class KernelSession:
         try:
             msg = wire.parse_client_frame(text)
         except wire.WireError as exc:
-            return wire.kernel_event("error", {"code": "invalid_message", "message": str(exc)})
+            return events.error("invalid_message", str(exc))
         if self.connection is None:
             if self._busy_verb:
                 self._held.append(msg)  # delivered once the kernel is connected
                 return None
-            return wire.kernel_event("error", {"code": "kernel_not_running",
-                                               "message": f"Message {msg.msg_id} ({msg.msg_type}) was not "
-                                               f"delivered: the kernel is {self.status}"})
+            return events.error("kernel_not_running", f"Message {msg.msg_id} ({msg.msg_type}) was not "
+                                f"delivered: the kernel is {self.status}")
         self._deliver(msg)
         return None
 
@@ -311,7 +335,7 @@ class KernelSession:
         """Send a client message, through the execution queue when it is code."""
         if msg.msg_type == "execute_request" and isinstance(msg.content.get("code"), str):
             if not self.queue.submit(msg):
-                self.channel.event("executionQueued", msg.msg_id)
+                self.channel.publish(events.execution_queued(msg.msg_id))
                 return
         elif msg.msg_type in ("interrupt_request", "shutdown_request"):
             self.queue.clear_pending()
@@ -338,11 +362,12 @@ class KernelSession:
             self._known_cwd = os.path.realpath(self.working_directory) if self.working_directory else ""
         if cwd != self._known_cwd:
             self._known_cwd = self.working_directory = cwd
-            self.channel.event("workingDirChanged", cwd)
+            self.channel.publish(events.working_dir_changed(cwd))
 
     # -- verbs ----------------------------------------------------------------------
 
     def interrupt(self):
+        log.info("session %s: interrupt (%s)", self.session_id, self.spec.get("interrupt_mode", "message"))
         if self.spec.get("interrupt_mode", "message") == "signal":
             if self.process is None or self.process.exited.is_set():
                 raise KsError("SessionInterruptFailed",
@@ -363,6 +388,7 @@ class KernelSession:
         if process is None or process.exited.is_set():
             raise KsError("NoProcess", f"There is no process associated with session {self.session_id} "
                           "(has it exited?)")
+        log.info("session %s: killing kernel pid %s and its process tree", self.session_id, process.pid)
         process.kill_tree()
         if not process.exited.wait(5):
             raise KsError("ProcessNotFound", f"Can't find process {process.pid} for session {self.session_id}",
@@ -371,14 +397,20 @@ class KernelSession:
     def restart(self, working_directory=None, env=None):
         if self._busy_verb:
             raise StartupError(KsError("RestartFailed", "Failed to restart kernel: Kernel is already "
-                                       f"{self._busy_verb}ing", status=500))
+                                       f"{self._busy_verb}ing", status=409), status=409)
         self._busy_verb = "restart"
+        log.info("session %s: restarting", self.session_id)
         try:
             self._choose_working_directory(working_directory)
             if env:
                 self.env_actions = list(env)
             self._stop_for_restart()
             self._start()
+        except StartupError as exc:
+            log.info("session %s: restart failed: %s", self.session_id, exc.error.message)
+            raise
+        except Exception as exc:
+            raise self._unexpected_failure("RestartFailed", "Failed to restart kernel", exc) from None
         finally:
             self._end_verb()
 
@@ -397,7 +429,7 @@ class KernelSession:
                 return
             if cwd and cwd != self.working_directory:
                 self.working_directory = cwd
-                self.channel.event("workingDirChanged", cwd)
+                self.channel.publish(events.working_dir_changed(cwd))
 
     def _stop_for_restart(self):
         """Ask the kernel to shut down for a restart; kill it if it won't."""
@@ -459,7 +491,7 @@ class KernelSession:
 
     def record_resource_usage(self, sample):
         self.resource_usage = sample
-        self.channel.event("resourceUsage", sample)
+        self.channel.publish(events.resource_usage(sample))
 
     # -- views ------------------------------------------------------------------------
 
