@@ -1,10 +1,23 @@
+import os
 import re
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 VERSION = re.search(r'__version__ = "([^"]+)"', open("kcgevent/__init__.py", encoding="utf-8").read())[1]
 
+
+
+class BuildPyWithContract(build_py):
+    """Ship kallichore.json inside the package: the server serves that very file at /openapi.json."""
+
+    def run(self):
+        super().run()
+        self.copy_file("kallichore.json", os.path.join(self.build_lib, "kcgevent", "api", "kallichore.json"))
+
+
 setup(
+    cmdclass={"build_py": BuildPyWithContract},
     name="kcgevent",
     version=VERSION,
     description="A durable, headless supervisor for Jupyter kernels, wire-compatible with Kallichore",

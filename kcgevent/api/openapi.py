@@ -3,9 +3,14 @@
 The paths come from the app's URL rules, the operations from the `operation`
 metadata on each view (kcgevent.api.contract) and the bodies from the generated
 marshmallow schemas. A test compares the result with kallichore.json, so the
-contract and the code cannot drift apart silently; the server also serves it
-at /openapi.json.
+contract and the code cannot drift apart silently. The server serves the
+shipped kallichore.json itself at /openapi.json (`shipped_openapi`), so a
+client generated from either is the same client.
 """
+import copy
+import functools
+import json
+import os
 import re
 from http import HTTPStatus
 
@@ -23,6 +28,29 @@ IGNORED_METHODS = {"HEAD", "OPTIONS"}
 # `<session_id>` or `<string:session_id>` -> (converter, name)
 _RULE_ARG = re.compile(r"<(?:(?P<converter>[^:<>]+):)?(?P<name>[^<>]+)>")
 _PARAM_TYPES = {"int": "integer", "float": "number"}
+
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Installed: the copy setup.py puts in the package. Source checkout: the file at the top.
+SHIPPED = (os.path.join(_HERE, "kallichore.json"), os.path.join(_HERE, os.pardir, os.pardir, "kallichore.json"))
+
+
+@functools.cache
+def _shipped():
+    for path in SHIPPED:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    raise FileNotFoundError(f"kallichore.json is not shipped with this installation (looked in {SHIPPED})")
+
+
+def shipped_openapi(url_prefix=""):
+    """kallichore.json, exactly as shipped (plus `servers` when mounted under a prefix)."""
+    doc = _shipped()
+    if url_prefix:
+        doc = copy.copy(doc)
+        doc["servers"] = [{"url": url_prefix}]
+    return doc
 
 
 def render_openapi(app, blueprint_name="kallichore", url_prefix=None):

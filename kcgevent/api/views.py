@@ -14,7 +14,7 @@ from ..errors import ApiError, StartupError
 from .auth import CHALLENGE, authorized
 from .channels import serve_channel
 from .contract import operation
-from .openapi import render_openapi
+from .openapi import shipped_openapi
 from . import validation
 from .schemas import SCHEMAS
 from .validation import header_safe
@@ -250,4 +250,5 @@ def set_server_configuration():
 
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(render_openapi(current_app, bp.name))
+    prefix = request.path[:-len("/openapi.json")]
+    return jsonify(shipped_openapi(prefix))
