@@ -57,10 +57,15 @@ def setup_logging(level_name, log_file):
 @argh.arg("--heartbeat-interval", type=float, help="seconds between kernel heartbeats")
 @argh.arg("--heartbeat-timeout", type=float, help="seconds without a heartbeat reply before a kernel is offline")
 @argh.arg("--idle-shutdown-seconds", type=float, help="like --idle-shutdown-hours, in seconds (for tests)")
+@argh.arg("--max-body-bytes", type=int, help="largest HTTP request body accepted (larger: 413)")
+@argh.arg("--max-message-bytes", type=int, help="largest channel message accepted (larger: WebSocket close 1009)")
+@argh.arg("--http-timeout", type=float, help="seconds before an idle or half-sent HTTP connection is closed")
+@argh.arg("--access-log", help="log every HTTP request at info")
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
           socket_dir=None, unix_socket=None, buffer_limit=100_000, shutdown_timeout=5.0, ping_interval=10.0,
-          heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, version=False):
+          heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, max_body_bytes=16 * 1024 * 1024,
+          max_message_bytes=64 * 1024 * 1024, http_timeout=60.0, access_log=False, version=False):
     """Run the kernel supervisor server."""
     if version:
         print(f"kcgevent {__version__} (Kallichore API {VERSION})")
@@ -69,7 +74,9 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
                           resource_sample_interval_ms=max(0, resource_sample_interval),
                           log_level=log_level, buffer_limit=buffer_limit, shutdown_timeout=shutdown_timeout,
                           ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
-                          heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds)
+                          heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds,
+                          max_body_bytes=max_body_bytes, max_message_bytes=max_message_bytes,
+                          http_timeout=http_timeout if http_timeout > 0 else None, access_log=access_log)
     try:
         server = Server(transport=transport, port=port, token=token, unix_socket=unix_socket,
                         socket_dir=socket_dir, connection_file=connection_file,

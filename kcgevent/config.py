@@ -20,3 +20,5 @@ class ServerConfig:
     idle_shutdown_seconds: float | None = None  # overrides the hours (tests, embedding)
     max_body_bytes: int = 16 * 1024 * 1024  # a larger HTTP body is refused with 413 before it is read
     max_message_bytes: int = 64 * 1024 * 1024  # a larger channel message closes the WebSocket with 1009
+    http_timeout: float = 60.0  # seconds an HTTP connection may sit idle (or half-sent) before it is closed
+    access_log: bool = False  # log every HTTP request (standalone server)

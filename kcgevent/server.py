@@ -14,7 +14,7 @@ import sys
 import gevent
 from gevent.event import Event
 
-from . import announce
+from . import announce, limits
 from .api.channels import session_channel_app
 from .app import create_app
 from .config import VERSION, ServerConfig
@@ -72,6 +72,7 @@ class Server:
         self.wsgi = None
 
     def run(self):
+        limits.raise_fd_limit()
         try:
             self.listener = open_listener(self.transport, port=self.port, unix_socket=self.unix_socket,
                                           socket_dir=self.socket_dir, pid=os.getpid())
@@ -88,7 +89,9 @@ class Server:
         supervisor = app.extensions["kcgevent"]
         self._wire_session_endpoints(supervisor)
         supervisor.on_shutdown.append(self._stop)
-        self.wsgi = self.listener.wsgi_server(app, log=None, error_log=log)
+        self.wsgi = self.listener.wsgi_server(app, log=logging.getLogger("kcgevent.access") if self.config.access_log
+                                              else None, error_log=log,
+                                              handler_class=limits.timeout_handler(self.config.http_timeout))
         self.wsgi.start()
         print(BANNER, flush=True)
         self._announce(supervisor, token)

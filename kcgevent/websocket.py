@@ -175,6 +175,8 @@ class WebSocket:
         self.last_pong = 0
         if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(sock, "settimeout"):
+            sock.settimeout(None)  # the HTTP idle timeout no longer applies: pings watch the client
 
     @classmethod
     def accept(cls, environ, max_message_bytes=MAX_MESSAGE_BYTES):
