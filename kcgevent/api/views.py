@@ -30,7 +30,10 @@ def supervisor():
 
 @bp.before_request
 def check_auth():
-    request.max_content_length = supervisor().config.max_body_bytes  # 413 before a big body is read
+    limit = request.max_content_length = supervisor().config.max_body_bytes  # (also bounds chunked bodies)
+    if request.content_length is not None and request.content_length > limit:  # refused before it is read
+        raise ApiError(413, "413", f"The request body ({request.content_length} bytes) exceeds the limit of "
+                       f"{limit} bytes")
     view = current_app.view_functions.get(request.endpoint)
     op = getattr(view, "operation", None)
     needs_auth = op.auth if op is not None else True

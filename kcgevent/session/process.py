@@ -282,7 +282,7 @@ def _proc_alive(proc):
     """Like pid_alive, for a psutil.Process, also guarding against pid reuse."""
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.AccessDenied:
+    except (psutil.AccessDenied, OSError):
         return True
     except psutil.Error:
         return False
@@ -477,7 +477,7 @@ class KernelProcess:
             return []
         try:
             return psutil.Process(self.pid).children(recursive=True)
-        except psutil.Error:
+        except (psutil.Error, OSError):  # (OSError: out of fds; the process group is still signalled)
             return []
 
     def _signal_kernel(self, sig):

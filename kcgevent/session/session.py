@@ -25,6 +25,7 @@ from .kernel import KernelConnectError, KernelConnection
 
 log = logging.getLogger(__name__)
 
+LOGGED_OUTPUT_CHARS = 2000  # of a failed start's output, in the server log
 RUNNING = ("starting", "ready", "idle", "busy", "offline")
 
 
@@ -116,7 +117,7 @@ class KernelSession:
             return self._start()
         except StartupError as exc:
             log.info("session %s: start failed: %s%s", self.session_id, exc.error.message,
-                     f"; output:\n{exc.output}" if exc.output else "")
+                     f"; output (end):\n{exc.output[-LOGGED_OUTPUT_CHARS:]}" if exc.output else "")
             raise
         except Exception as exc:  # anything unforeseen (fd limit, ZeroMQ...): clean up, answer a KS error
             raise self._unexpected_failure("StartFailed", "Failed to start kernel", exc) from None
