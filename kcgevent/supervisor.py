@@ -210,7 +210,9 @@ class Supervisor:
     # -- background duties ---------------------------------------------------------
 
     def start_background(self):
-        """Resource sampling and the idle-shutdown watch (call once the server runs)."""
+        """Resource sampling and the idle-shutdown watch (call once the server runs; idempotent)."""
+        if self._sampler is not None:
+            return
         self._sampler = gevent.spawn(self._run_sampler)
         self._idle_watch = gevent.spawn(self._run_idle_watch)
 

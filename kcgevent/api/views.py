@@ -9,6 +9,7 @@ import uuid
 
 from flask import Blueprint, current_app, g, jsonify, request
 from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
 
 from ..errors import ApiError, StartupError
 from .auth import CHALLENGE, authorized
@@ -56,6 +57,22 @@ def api_error(exc):
     response.status_code = exc.status
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+@bp.errorhandler(HTTPException)
+def http_error(exc):
+    """Werkzeug's errors (400 bad JSON, 405, 413...) in the API's JSON shape."""
+    response = jsonify({"code": str(exc.code), "message": exc.description or exc.name})
+    response.status_code = exc.code
+    return response
+
+
+@bp.errorhandler(Exception)
+def internal_error(exc):
+    current_app.logger.exception("unhandled error in %s %s", request.method, request.path)
+    response = jsonify({"code": "500", "message": f"Internal server error: {type(exc).__name__}: {exc}"})
+    response.status_code = 500
     return response
 
 
