@@ -45,6 +45,8 @@ setup(
             "requests>=2.28",
             "jsonschema>=4",
             "openapi-spec-validator>=0.7",
+            "schemathesis>=4.0",
+            "gunicorn>=22",
         ],
         "bench": ["ipykernel>=6", "jupyter_client>=8"],
     },

@@ -6,6 +6,7 @@ WSGIServer in a child process. The test drives it from outside: HTTP under the
 prefix, a WebSocket channel under the prefix, the OpenAPI rendering, and a
 SIGTERM that must take the kernels down with the host.
 """
+import http.client
 import json
 import os
 import select
@@ -253,3 +254,70 @@ def test_blueprint_mounted_in_another_app():
                 pass
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_channel_under_gunicorns_gevent_worker(tmp_path):
+    """`gunicorn -k gevent` (not only gevent_pywsgi): the channel upgrade works and a session runs
+    code over it; stopping gunicorn ends the kernel (the worker_exit hook calls shutdown())."""
+    pytest.importorskip("gunicorn")
+    from kcgevent.session.session import free_ports
+    port = free_ports(1)[0]
+    token = "gunicorn-" + new_id()
+    env = {**os.environ, "KCGEVENT_TOKEN": token,
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([PYTHON, "-m", "gunicorn", "-c", os.path.join(HERE, "apps", "gunicorn_conf.py"),
+                                 "--pythonpath", os.path.join(HERE, "apps"), "--bind", f"127.0.0.1:{port}",
+                                 "gunicorn_app:app"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    spawned = set()
+    ws = None
+    try:
+        client = Client({"port": port, "bearer_token": token}, timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert client.call("GET", "/hello", timeout=2) == {"hello": "from gunicorn"}
+                break
+            except (OSError, http.client.HTTPException):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        session_id = new_id("guni")
+        client.call("PUT", "/kernels/sessions", fake_kernel_session(session_id))
+        client.call("POST", f"/kernels/sessions/{session_id}/start")
+        kernel_pid = client.call("GET", f"/kernels/sessions/{session_id}")["process_id"]
+        spawned.add(kernel_pid)
+        ws = websocket.create_connection(f"ws://127.0.0.1:{port}/kernels/sessions/{session_id}/channels",
+                                         timeout=15, header=[f"Authorization: Bearer {token}"])
+        for text in ("first", "second"):
+            request = execute_request(f"print {text}")
+            ws.send(json.dumps(request))
+            frames = recv_until(ws, lambda f: is_idle_for(f, request))
+            assert stream_text(replies_to(frames, request, "stream")) == f"{text}\n"
+        assert client.call("GET", f"/kernels/sessions/{session_id}")["connected"] is True
+        ws.close()
+        ws = None
+        # The connection after the channel is usable again (gunicorn wrote nothing after the upgrade)
+        assert client.call("GET", f"/kernels/sessions/{session_id}")["status"] == "idle"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        deadline = time.monotonic() + 10
+        while not pid_gone(kernel_pid):
+            assert time.monotonic() < deadline, f"kernel {kernel_pid} outlived gunicorn"
+            time.sleep(0.05)
+        assert "supervisor shut down" in log_path.read_text()
+    finally:
+        if ws is not None:
+            ws.close()
+        try:
+            spawned.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for pid in spawned:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
