@@ -25,6 +25,7 @@ from .kernel import KernelConnectError, KernelConnection
 
 log = logging.getLogger(__name__)
 
+CONNECTION_FILE = "{connection_file}"  # replaced in argv by the path of the connection (or registration) file
 LOGGED_OUTPUT_CHARS = 2000  # of a failed start's output, in the server log
 RUNNING = ("starting", "ready", "idle", "busy", "offline")
 
@@ -155,6 +156,10 @@ class KernelSession:
             raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: "
                                        "No arguments provided (argv is empty: this session can only adopt a "
                                        "kernel)", status=400), status=400)
+        if not any(CONNECTION_FILE in arg for arg in argv):  # the kernel could never find its ports
+            raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: argv has no "
+                                       f"{CONNECTION_FILE} placeholder, so the kernel cannot be told where to "
+                                       "connect", status=400), status=400)
         self.set_status("starting", "start API called")
         registration = None
         try:
