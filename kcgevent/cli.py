@@ -61,11 +61,14 @@ def setup_logging(level_name, log_file):
 @argh.arg("--max-message-bytes", type=int, help="largest channel message accepted (larger: WebSocket close 1009)")
 @argh.arg("--http-timeout", type=float, help="seconds before an idle or half-sent HTTP connection is closed")
 @argh.arg("--access-log", help="log every HTTP request at info")
+@argh.arg("--kernel-transport", choices=("ipc", "tcp"),
+          help="how started kernels listen: ipc (private Unix sockets; default on POSIX) or tcp (127.0.0.1)")
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
           socket_dir=None, unix_socket=None, buffer_limit=100_000, shutdown_timeout=5.0, ping_interval=10.0,
           heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, max_body_bytes=16 * 1024 * 1024,
-          max_message_bytes=64 * 1024 * 1024, http_timeout=60.0, access_log=False, version=False):
+          max_message_bytes=64 * 1024 * 1024, http_timeout=60.0, access_log=False, kernel_transport=None,
+          version=False):
     """Run the kernel supervisor server."""
     if version:
         print(f"kcgevent {__version__} (Kallichore API {VERSION})")
@@ -77,6 +80,8 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
                           heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds,
                           max_body_bytes=max_body_bytes, max_message_bytes=max_message_bytes,
                           http_timeout=http_timeout if http_timeout > 0 else None, access_log=access_log)
+    if kernel_transport:
+        config.kernel_transport = kernel_transport
     try:
         server = Server(transport=transport, port=port, token=token, unix_socket=unix_socket,
                         socket_dir=socket_dir, connection_file=connection_file,

@@ -1,4 +1,5 @@
 """Server settings, shared by the CLI, the app factory and the supervisor."""
+import os
 from dataclasses import dataclass
 
 VERSION = "0.1.64"  # what GET /status reports: the Kallichore release we are compatible with
@@ -22,3 +23,6 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # a larger channel message closes the WebSocket with 1009
     http_timeout: float = 60.0  # seconds an HTTP connection may sit idle (or half-sent) before it is closed
     access_log: bool = False  # log every HTTP request (standalone server)
+    # How kernels we start (connection-file kernels) listen: "ipc" (Unix sockets in our private directory,
+    # unreachable for other local users) or "tcp" (127.0.0.1 ports). Windows has no ipc transport.
+    kernel_transport: str = "tcp" if os.name == "nt" else "ipc"

@@ -17,7 +17,7 @@ import psutil
 
 from ..errors import KsError, StartupError
 from . import process as proc_mod
-from . import events, wire
+from . import events, ipc, wire
 from .channel import Channel
 from .execution_queue import ExecutionQueue
 from .handshake import HandshakeFailed, Registration, wants_handshake
@@ -81,6 +81,7 @@ class KernelSession:
         self._held = []  # client messages that arrived while a start was under way
         self._exit_token = None
         self._known_cwd = None  # realpath of working_directory, as last compared
+        self._ipc_prefix = None  # path prefix of the kernel's ipc sockets, when it has them
 
     # -- status -------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class KernelSession:
                 conn_file = self.supervisor.write_kernel_file(self.session_id, "registration",
                                                               registration.file_content())
             else:
-                self.connection_info_ = self._new_connection_info()
+                self.connection_info_ = self._new_connection_info(self.supervisor.config.kernel_transport)
                 conn_file = self.supervisor.write_kernel_file(self.session_id, "connection", self.connection_info_)
             process = self._spawn(proc_mod.substitute_argv(argv, conn_file))
             self.process = process
@@ -200,7 +201,15 @@ class KernelSession:
             raise StartupError(KsError("ProcessStartFailed", f"Failed to start process for session: {exc}",
                                        status=500), exit_code=exc.errno) from None
 
-    def _new_connection_info(self):
+    def _new_connection_info(self, transport="tcp"):
+        """Fresh endpoints: TCP ports on 127.0.0.1, or (transport "ipc") sockets in our private 0700
+        directory, which no other local user can reach (a TCP port is open to all of them)."""
+        if transport == "ipc":
+            prefix = ipc.endpoint_prefix(self.supervisor.kernel_dir, self.session_id)
+            if prefix is not None:
+                self._ipc_prefix = prefix
+                return {"control_port": 1, "shell_port": 2, "stdin_port": 3, "hb_port": 4, "iopub_port": 5,
+                        "signature_scheme": "hmac-sha256", "key": self.key, "transport": "ipc", "ip": prefix}
         ports = free_ports(5)
         return {"control_port": ports[0], "shell_port": ports[1], "stdin_port": ports[2], "hb_port": ports[3],
                 "iopub_port": ports[4], "signature_scheme": "hmac-sha256", "key": self.key,
@@ -291,6 +300,7 @@ class KernelSession:
         self.set_status("exited", "child process exited")
         self.channel.publish(events.exited(code))
         self.supervisor.remove_kernel_files(self.session_id)
+        ipc.remove_endpoints(self._ipc_prefix)
         if connection is not None:
             connection.close()
 
