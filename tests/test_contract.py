@@ -14,7 +14,7 @@ from flask import Blueprint, Flask
 from marshmallow import ValidationError
 
 from kcgevent.api.contract import operation
-from kcgevent.api.openapi import render_openapi
+from openapi_render import render_openapi
 from kcgevent.api.schemas import SCHEMAS
 
 ROOT = Path(__file__).resolve().parent.parent
