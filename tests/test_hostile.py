@@ -327,3 +327,40 @@ def test_soft_fd_limit_is_raised_to_the_hard_limit(start_server, monkeypatch):
     server = server_with_fd_limit(start_server, monkeypatch, 256, hard)
     limits = open(f"/proc/{server.pid}/limits").read().split("Max open files")[1].split()
     assert limits[0] == limits[1] == ("unlimited" if hard == resource.RLIM_INFINITY else str(hard)), limits
+
+
+# -- item 15: what the log says ----------------------------------------------------------------
+
+def test_the_log_tells_the_story_of_a_session(start_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("log-token")
+    server = start_server("--transport", "tcp", "--access-log", token=str(token_file))
+    session_id = new_id("story")
+    server.client.call("PUT", "/sessions", fake_kernel_session(session_id))
+    server.client.call("POST", f"/sessions/{session_id}/start")
+    pid = get_session(server, session_id)["process_id"]
+    first = server.client.open_channel(session_id)
+    wait_for(lambda: get_session(server, session_id)["connected"], 10, "the client")
+    second = server.client.open_channel(session_id)
+    server.client.call("POST", f"/sessions/{session_id}/interrupt")
+    server.client.call("POST", f"/sessions/{session_id}/restart")
+    server.client.call("POST", f"/sessions/{session_id}/kill")
+    second.close()
+    first.close()
+    failing = new_id("fails")
+    body = fake_kernel_session(failing, "--exit-at-start", "4")
+    server.client.call("PUT", "/sessions", body)
+    assert server.client.request("POST", f"/sessions/{failing}/start")[0] == 500
+    assert server.client.request("GET", "/sessions", token=False)[0] == 401
+    wait_for(lambda: "disconnected" in open(server.log_file).read(), 10, "the disconnect in the log")
+    text = open(server.log_file).read()
+    for expected in (f"session {session_id}: started kernel pid {pid}: ", "fake_kernel.py",
+                     f"session {session_id}: client connected",
+                     f"session {session_id}: a new client takes the channel over",
+                     f"session {session_id}: interrupt (message)", f"session {session_id}: restarting",
+                     f"session {session_id}: killing kernel pid", f"session {session_id}: kernel exited with code",
+                     f"session {session_id}: client disconnected",
+                     f"session {failing}: start failed: ", "fatal: exiting with 4",
+                     "401 GET /sessions: no bearer token",
+                     "GET /status HTTP/1.1"):  # the access log
+        assert expected in text, f"{expected!r} not in the log:\n{text[-3000:]}"
