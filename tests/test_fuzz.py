@@ -47,8 +47,14 @@ def test_no_undocumented_server_errors(case, fuzz_server):
     if operation_id == "set-server-configuration":
         # an idle_shutdown_hours of 0 would end the server half-way through the run
         fuzz_server.client.call("POST", "/server_configuration", {"idle_shutdown_hours": -1})
+    check_status(case, response)
+
+
+def check_status(case, response):
+    """Below 500, or one of the documented 500s with its documented JSON body."""
     if response.status_code < 500:
         return
+    operation_id = case.operation.definition.raw.get("operationId")
     assert response.status_code == 500 and operation_id in DOCUMENTED_500, \
         (case.method, case.formatted_path, response.status_code, response.text[:500])
     body = json.loads(response.text)
@@ -56,3 +62,24 @@ def test_no_undocumented_server_errors(case, fuzz_server):
         assert body["error"]["code"].startswith("KS-"), body
     else:
         assert body["code"].startswith("KS-"), body
+
+
+@pytest.fixture(scope="module")
+def live_session(fuzz_server):
+    """A started fake-kernel session for the operations on one session to work on."""
+    from conftest import fake_kernel_session
+    session_id = "fuzz-live"
+    fuzz_server.client.call("PUT", "/sessions", fake_kernel_session(session_id, connection_timeout=3))
+    fuzz_server.client.call("POST", f"/sessions/{session_id}/start")
+    return session_id
+
+
+@schema.include(path_regex="session_id").parametrize()
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+          database=None)
+def test_no_undocumented_server_errors_on_a_live_session(case, fuzz_server, live_session):
+    """The same, with the path's session id that of a real session (start, restart, kill, adopt...)."""
+    case.path_parameters["session_id"] = live_session
+    response = case.call(base_url=f"http://127.0.0.1:{fuzz_server.info['port']}", timeout=60,
+                         headers={"Authorization": f"Bearer {fuzz_server.info['bearer_token']}"})
+    check_status(case, response)
