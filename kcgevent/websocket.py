@@ -158,7 +158,7 @@ def socket_from_environ(environ):
 class WebSocket:
     """One accepted WebSocket; `receive` from one greenlet, `send_frames` from any."""
 
-    def __init__(self, sock, max_message_bytes=MAX_MESSAGE_BYTES):
+    def __init__(self, sock, *, max_message_bytes=MAX_MESSAGE_BYTES):
         self.sock = sock
         self.max_message_bytes = max_message_bytes
         self._pending_bytes = 0  # size of the fragmented message wsproto is assembling
@@ -179,12 +179,12 @@ class WebSocket:
             sock.settimeout(None)  # the HTTP idle timeout no longer applies: pings watch the client
 
     @classmethod
-    def accept(cls, environ, max_message_bytes=MAX_MESSAGE_BYTES):
+    def accept(cls, environ, *, max_message_bytes=MAX_MESSAGE_BYTES):
         """Answer the upgrade request in `environ` with 101 and return the connection."""
         check_upgrade(environ)
         key = environ["HTTP_SEC_WEBSOCKET_KEY"]
         sock = socket_from_environ(environ)
-        ws = cls(sock, max_message_bytes)
+        ws = cls(sock, max_message_bytes=max_message_bytes)
         ws._sendall(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n"

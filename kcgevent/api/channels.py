@@ -46,7 +46,7 @@ def serve_channel(supervisor, session, environ):
         raise ApiError(400, "400", "This endpoint needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
     after = resume_position(environ)
     try:
-        ws = WebSocket.accept(environ, supervisor.config.max_message_bytes)
+        ws = WebSocket.accept(environ, max_message_bytes=supervisor.config.max_message_bytes)
     except HandshakeError as exc:
         raise ApiError(400, "400", str(exc)) from None
     supervisor.nudge()
