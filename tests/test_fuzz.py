@@ -83,3 +83,9 @@ def test_no_undocumented_server_errors_on_a_live_session(case, fuzz_server, live
     response = case.call(base_url=f"http://127.0.0.1:{fuzz_server.info['port']}", timeout=60,
                          headers={"Authorization": f"Bearer {fuzz_server.info['bearer_token']}"})
     check_status(case, response)
+
+
+def test_the_server_serves_the_shipped_contract(fuzz_server):
+    """What the fuzzing (and any client generator) reads is what the server serves, byte for byte in JSON."""
+    served = fuzz_server.client.call("GET", "/openapi.json")
+    assert served == json.loads((ROOT / "kallichore.json").read_text(encoding="utf-8"))
