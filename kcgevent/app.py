@@ -59,7 +59,9 @@ class KernelSupervisor:
 
     def init_app(self, app):
         self._apply_settings(app.config)
-        if not self.auth:
+        if self.auth is None:
+            pass  # the caller settled the token (create_app for the standalone server)
+        elif not self.auth:
             self.config.token = None
             log.warning("kcgevent: authentication is off (auth=False): anyone who can reach %s can run code",
                         self.url_prefix or "the app")
@@ -124,5 +126,5 @@ def create_app(config=None):
     """
     app = Flask("kcgevent")
     app.json.sort_keys = False  # keep Kallichore's field order
-    KernelSupervisor(app, config, auth=config is None or config.token is not None)
+    KernelSupervisor(app, config, auth=True if config is None else None)
     return app

@@ -8,8 +8,11 @@ the socket over (its own pings decide when a client is gone). When accept()
 still fails (EMFILE), gevent's server pauses accepting and retries with a
 backoff instead of giving up, so the server recovers as soon as fds free up.
 """
+import errno
 import logging
+import time
 
+import gevent
 from gevent.pywsgi import WSGIHandler
 
 try:
@@ -49,3 +52,40 @@ def timeout_handler(timeout):
             super().handle()
 
     return TimeoutHandler
+
+
+class AcceptFailed(Exception):
+    """accept() failed for want of resources: gevent's server pauses accepting and tries again."""
+
+
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+ACCEPT_WARNING_INTERVAL = 10.0
+
+
+def quiet_accept_errors(server):
+    """One warning every ACCEPT_WARNING_INTERVAL s instead of a traceback per failed accept().
+
+    gevent's server backs off (up to a second) after any accept error and retries; that is the
+    behaviour we want. Only its report changes: the failure is re-raised as AcceptFailed, which the
+    hub is told not to print.
+    """
+    hub = gevent.get_hub()
+    if AcceptFailed not in hub.NOT_ERROR:
+        hub.NOT_ERROR = (*hub.NOT_ERROR, AcceptFailed)
+    read = server.do_read
+    last_warning = [float("-inf")]
+
+    def do_read():
+        try:
+            return read()
+        except OSError as exc:
+            if exc.errno not in _OUT_OF_RESOURCES:
+                raise
+            now = time.monotonic()
+            if now - last_warning[0] >= ACCEPT_WARNING_INTERVAL:
+                last_warning[0] = now
+                log.warning("Cannot accept connections (%s); retrying. Idle connections are closed after "
+                            "--http-timeout.", exc.strerror)
+            raise AcceptFailed(exc.strerror) from None
+
+    server.do_read = do_read

@@ -92,6 +92,7 @@ class Server:
         self.wsgi = self.listener.wsgi_server(app, log=logging.getLogger("kcgevent.access") if self.config.access_log
                                               else None, error_log=log,
                                               handler_class=limits.timeout_handler(self.config.http_timeout))
+        limits.quiet_accept_errors(self.wsgi)
         self.wsgi.start()
         print(BANNER, flush=True)
         self._announce(supervisor, token)
