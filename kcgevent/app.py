@@ -42,11 +42,11 @@ def error_response(status, code, message):
 class KernelSupervisor:
     """Flask extension: a Supervisor in `app.extensions["kcgevent"]` plus the blueprint."""
 
-    def __init__(self, app=None, config=None, url_prefix=None, *, auth=True, on_shutdown=None):
-        self.config = config or ServerConfig()
+    def __init__(self, app=None, config=None, url_prefix=None, supervisor=None, *, auth=True, on_shutdown=None):
+        self.config = supervisor.config if supervisor is not None else config or ServerConfig()
         self.url_prefix = url_prefix
         self.auth = auth
-        self.supervisor = None
+        self.supervisor = supervisor  # (made in init_app when not given)
         self._on_shutdown = on_shutdown
         self._started = False
         if app is not None:
@@ -67,7 +67,8 @@ class KernelSupervisor:
                         self.url_prefix or "the app")
         elif not self.config.token:
             self.config.token = secrets.token_hex(16)
-        self.supervisor = Supervisor(self.config)
+        if self.supervisor is None:
+            self.supervisor = Supervisor(self.config)
         if self._on_shutdown is not None:
             self.supervisor.on_shutdown.append(self._on_shutdown)
         app.extensions["kcgevent"] = self.supervisor
@@ -119,12 +120,13 @@ class KernelSupervisor:
         return error_response(exc.code, str(exc.code), exc.description or exc.name)
 
 
-def create_app(config=None):
+def create_app(config=None, supervisor=None):
     """A standalone app serving the API at the root, with JSON errors everywhere.
 
-    With a `config`, its token is used as is (None: no auth, as `--token none` asks).
+    With a `config` (or a `supervisor`), its token is used as is (None: no auth, as `--token none` asks).
     """
     app = Flask("kcgevent")
     app.json.sort_keys = False  # keep Kallichore's field order
-    KernelSupervisor(app, config, auth=True if config is None else None)
+    settled = config is not None or supervisor is not None
+    KernelSupervisor(app, config, supervisor=supervisor, auth=None if settled else True)
     return app
