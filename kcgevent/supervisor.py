@@ -223,7 +223,11 @@ class Supervisor:
             if interval <= 0:
                 gevent.sleep(0.5)
                 continue
-            gevent.sleep(interval / 1000)
+            due = time.monotonic() + interval / 1000
+            while time.monotonic() < due and self.config.resource_sample_interval_ms == interval:
+                gevent.sleep(min(0.5, due - time.monotonic()))  # (a new interval takes effect at once)
+            if self.config.resource_sample_interval_ms != interval:
+                continue
             try:  # one bad sample must not end sampling for good
                 self._sample_once(sampler, interval)
             except Exception:

@@ -84,6 +84,17 @@ def test_heartbeat_pid_out_of_range_is_refused_and_idle_shutdown_still_happens(s
     assert server.process.wait(30) == 0
 
 
+def test_sampling_survives_an_absurd_interval(fake_session, open_channel):
+    """A sample interval of 2^62 ms, then 100 ms again: sampling resumes (it once slept for ages)."""
+    server, session_id = fake_session
+    server.client.call("POST", "/server_configuration", {"resource_sample_interval_ms": 2**62})
+    channel = open_channel(server, session_id)
+    gevent.sleep(1.5)  # the sampler takes up the absurd interval
+    server.client.call("POST", "/server_configuration", {"resource_sample_interval_ms": 100})
+    frames = channel.until(lambda f: f.get("kind") == "kernel" and "resourceUsage" in f, timeout=15)
+    assert frames[-1]["resourceUsage"]["sampling_period_ms"] == 100
+
+
 # -- item 8: session ids; unexpected start failures ---------------------------------------------
 
 @pytest.mark.parametrize("session_id", ["../../x", "a/b", "", "x" * 10240, "\ud800", "a b", "y" * 300, ".hidden",
