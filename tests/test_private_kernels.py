@@ -4,7 +4,8 @@ Kernels listen on ipc:// sockets inside the supervisor's private 0700 directory.
 ZeroMQ subscriber as another user (uid 65534, "nobody", via setuid in a forked child) and checks that it
 cannot open the kernel's sockets, nor receive any iopub message while code runs; the same subscriber
 against a server started with `--kernel-transport tcp` receives the output (so the probe can fail).
-Needs root (to switch users); skipped otherwise.
+Those two need root (to switch users) and are skipped otherwise. A kernel that names its ipc
+sockets `<ip>:<port>` (as ark does) rather than `<ip>-<port>` is reached too.
 """
 import json
 import os
@@ -12,7 +13,7 @@ import os
 import pytest
 from conftest import fake_kernel_session, new_id, start_session
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
                                 reason="switching to another local user needs root")
 
 OTHER_UID = 65534  # nobody: needs no entry of its own, nothing is created on the system
@@ -93,6 +94,7 @@ def probe(server, session_id, window):
     return info, json.loads(line)
 
 
+@needs_root
 def test_another_user_cannot_subscribe_to_our_kernels(start_server):
     server = start_server("--transport", "tcp")
     session_id = new_id("private")
@@ -106,6 +108,7 @@ def test_another_user_cannot_subscribe_to_our_kernels(start_server):
     assert os.stat(kernel_dir).st_mode & 0o777 == 0o700
 
 
+@needs_root
 def test_the_probe_does_see_a_tcp_kernel(start_server):
     """The control: with --kernel-transport tcp the same probe receives the kernel's iopub."""
     server = start_server("--transport", "tcp", "--kernel-transport", "tcp")
@@ -114,3 +117,31 @@ def test_the_probe_does_see_a_tcp_kernel(start_server):
     info, report = probe(server, session_id, window=15)
     assert info["transport"] == "tcp", info
     assert report["messages"] > 0, report
+
+
+COLON_KERNEL = """
+import sys
+sys.path.insert(0, {kernels!r})
+import fake_kernel as fk
+def bind_one(sock, transport, ip, port):  # as ark's amalthea does: "<transport>://<ip>:<port>" for all
+    sock.bind("%s://%s:%d" % (transport, ip, port))
+    return port
+fk.bind_one = bind_one
+fk.main(sys.argv[1:])
+"""
+
+
+def test_a_kernel_binding_ip_colon_port_still_connects_over_ipc(start_server, open_channel):
+    """Not every kernel follows jupyter_client's `<ip>-<port>` for ipc: ark binds `<ip>:<port>`."""
+    from conftest import HERE, PYTHON, is_idle_for, replies_to, stream_text
+    server = start_server("--transport", "tcp")
+    session_id = new_id("colon")
+    body = fake_kernel_session(session_id, connection_timeout=15)
+    body["argv"] = [PYTHON, "-c", COLON_KERNEL.format(kernels=os.path.join(HERE, "kernels")), "{connection_file}"]
+    start_session(server.client, body)
+    info = server.client.call("GET", f"/sessions/{session_id}/connection_info")
+    assert info["transport"] == "ipc" and os.path.exists(f"{info['ip']}:{info['iopub_port']}")
+    channel = open_channel(server, session_id)
+    request = channel.execute("print colon")
+    frames = channel.until(lambda f: is_idle_for(f, request))
+    assert stream_text(replies_to(frames, request, "stream")) == "colon\n"

@@ -3,14 +3,53 @@
 A kernel listening on 127.0.0.1 TCP ports can be reached by every local user (the ports are listed
 in /proc/net/tcp, and subscribing to iopub needs no key). Unix sockets in a 0700 directory can only
 be reached by our own user. jupyter_client's convention: `ip` is a path prefix and the socket of
-port N is the file `<ip>-<N>`; ipykernel and IRkernel both follow it.
+port N is the file `<ip>-<N>`; ipykernel and IRkernel both follow it. Some kernels (ark's amalthea)
+format every endpoint as `<transport>://<ip>:<port>` and so bind `<ip>:<N>`: we look for the file
+the kernel made and connect to that one.
 """
 import hashlib
 import os
+import time
+
+import gevent
 
 # A Unix socket path must fit sockaddr_un.sun_path (108 bytes on Linux, 104 on macOS, with the NUL).
 MAX_SOCKET_PATH = 100
 PORTS = (1, 2, 3, 4, 5)
+SEPARATORS = ("-", ":")  # jupyter_client's, then `ip:port` as tcp would have it
+POLL_INTERVAL = 0.02
+
+
+class SocketWaitFailed(Exception):
+    """The kernel made no socket file in time, or exited first (`kind`: "timeout" or "aborted")."""
+
+    def __init__(self, message, kind):
+        super().__init__(message)
+        self.kind = kind
+
+
+def bound_separator(prefix, port):
+    """The separator of the socket file the kernel made for `port`, or None while there is none."""
+    for sep in SEPARATORS:
+        if os.path.exists(f"{prefix}{sep}{port}"):
+            return sep
+    return None
+
+
+def wait_for_socket(prefix, port, timeout, should_abort):
+    """Wait (bounded) until the kernel has bound `port`'s socket; its separator."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sep = bound_separator(prefix, port)
+        if sep is not None:
+            return sep
+        reason = should_abort()
+        if reason:
+            raise SocketWaitFailed(reason, "aborted")
+        if time.monotonic() >= deadline:
+            raise SocketWaitFailed(f"Timed out waiting for the kernel's ipc sockets after {timeout:g} seconds",
+                                   "timeout")
+        gevent.sleep(POLL_INTERVAL)
 
 
 def endpoint_prefix(kernel_dir, session_id):
@@ -26,7 +65,8 @@ def remove_endpoints(prefix):
     if prefix is None:
         return
     for port in PORTS:
-        try:
-            os.unlink(f"{prefix}-{port}")
-        except OSError:
-            pass
+        for sep in SEPARATORS:
+            try:
+                os.unlink(f"{prefix}{sep}{port}")
+            except OSError:
+                pass

@@ -207,6 +207,7 @@ class KernelSession:
         if transport == "ipc":
             prefix = ipc.endpoint_prefix(self.supervisor.kernel_dir, self.session_id)
             if prefix is not None:
+                ipc.remove_endpoints(prefix)  # (a killed kernel's files: not to be mistaken for the new one's)
                 self._ipc_prefix = prefix
                 return {"control_port": 1, "shell_port": 2, "stdin_port": 3, "hb_port": 4, "iopub_port": 5,
                         "signature_scheme": "hmac-sha256", "key": self.key, "transport": "ipc", "ip": prefix}
@@ -230,8 +231,13 @@ class KernelSession:
                                          "transport": "tcp", "ip": "127.0.0.1"}
                 self.channel.publish(events.handshake_completed(self.session_id, self.connection_info_))
                 phase = "connect"
-            return self._connect(self.connection_info_, timeout, exited)
-        except (HandshakeFailed, KernelConnectError) as exc:
+            info = self.connection_info_
+            if info.get("transport") == "ipc":  # which file name did the kernel bind?
+                started = time.monotonic()
+                info = dict(info, ipc_separator=ipc.wait_for_socket(info["ip"], info["iopub_port"], timeout, exited))
+                timeout = max(1.0, timeout - (time.monotonic() - started))
+            return self._connect(info, timeout, exited)
+        except (HandshakeFailed, KernelConnectError, ipc.SocketWaitFailed) as exc:
             raise self._startup_failure(process, phase, exc) from None
 
     def _startup_failure(self, process, phase, exc):
