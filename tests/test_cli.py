@@ -368,3 +368,12 @@ def test_start_without_connection_file_placeholder_fails_fast(cli_server):
     assert status == 400 and answer["error"]["code"] == "KS-5", answer
     assert "{connection_file}" in answer["error"]["message"], answer
     assert not server.kernels()
+
+
+def test_version_is_kcgevents_own():
+    import kcgevent
+    from kcgevent.config import VERSION
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"kcgevent {kcgevent.__version__} (Kallichore API {VERSION})"
+    assert kcgevent.__version__ != VERSION
