@@ -5,7 +5,6 @@ import base64
 import http.client
 import json
 import os
-import resource
 import socket
 import struct
 import time
@@ -118,6 +117,7 @@ def test_missing_working_directory_is_refused(server, tmp_path):
 def server_with_fd_limit(start_server, monkeypatch, soft, hard, *args):
     """A server started with RLIMIT_NOFILE (soft, hard)."""
     import conftest
+    resource = pytest.importorskip("resource")  # (POSIX)
     real_popen = conftest.subprocess.Popen
 
     def preexec():
@@ -334,6 +334,7 @@ def test_serves_on_after_running_out_of_fds(start_server, monkeypatch):
 
 
 def test_soft_fd_limit_is_raised_to_the_hard_limit(start_server, monkeypatch):
+    resource = pytest.importorskip("resource")  # (POSIX)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     server = server_with_fd_limit(start_server, monkeypatch, 256, hard)
     limits = open(f"/proc/{server.pid}/limits").read().split("Max open files")[1].split()
