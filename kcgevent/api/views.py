@@ -30,17 +30,18 @@ def supervisor():
 
 
 @bp.before_request
-def check_auth():
-    limit = request.max_content_length = supervisor().config.max_body_bytes  # (also bounds chunked bodies)
-    if request.content_length is not None and request.content_length > limit:  # refused before it is read
-        raise ApiError(413, "413", f"The request body ({request.content_length} bytes) exceeds the limit of "
-                       f"{limit} bytes")
+def check_request():
+    """Auth, then the body's size (a body over the limit is refused before it is read)."""
     view = current_app.view_functions.get(request.endpoint)
     op = getattr(view, "operation", None)
     needs_auth = op.auth if op is not None else True
     if needs_auth and not authorized(request.headers.get("Authorization"), supervisor().config.token,
                                      f"{request.method} {request.path}"):
         raise ApiError(401, "401", CHALLENGE)
+    limit = request.max_content_length = supervisor().config.max_body_bytes  # (also bounds chunked bodies)
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "413", f"The request body ({request.content_length} bytes) exceeds the limit of "
+                       f"{limit} bytes")
 
 
 @bp.after_request
