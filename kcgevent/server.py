@@ -89,8 +89,8 @@ class Server:
         supervisor = app.extensions["kcgevent"]
         self._wire_session_endpoints(supervisor)
         supervisor.on_shutdown.append(self._stop)
-        self.wsgi = self.listener.wsgi_server(app, log=logging.getLogger("kcgevent.access") if self.config.access_log
-                                              else None, error_log=log,
+        access_log = logging.getLogger("kcgevent.access") if self.config.access_log else None
+        self.wsgi = self.listener.wsgi_server(app, log=access_log, error_log=log,
                                               handler_class=limits.timeout_handler(self.config.http_timeout))
         limits.quiet_accept_errors(self.wsgi)
         self.wsgi.start()
