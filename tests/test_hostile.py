@@ -51,6 +51,9 @@ def test_unknown_non_latin1_field_names_are_ignored_with_a_warning(server):
     status, headers, decoded = request(server, "POST", "/client_heartbeat", {"café中": 1, "\ud83d\ude00": 2})
     assert status == 200 and decoded is None, decoded
     assert headers["warning"].startswith("Ignoring unknown fields"), headers
+    many = {**fake_kernel_session(new_id("many")), **{f"field\n{i}": i for i in range(5000)}}
+    status, headers, decoded = request(server, "PUT", "/sessions", many)
+    assert status == 200 and len(headers["warning"]) <= 1000, (status, len(headers.get("warning", "")))
 
 
 @pytest.mark.parametrize("change, part", [

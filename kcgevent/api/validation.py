@@ -68,13 +68,18 @@ def parse_json(raw):
     return data
 
 
+MAX_HEADER_CHARS = 1000
+
+
 def header_safe(text):
-    """`text` as an HTTP header value: Latin-1 only (gevent refuses anything else), escaped if not."""
+    """`text` as an HTTP header value: Latin-1 only (gevent refuses anything else, escaped here), no
+    line breaks, at most MAX_HEADER_CHARS long."""
     try:
         text.encode("latin-1")
-        return text
     except UnicodeEncodeError:
-        return text.encode("ascii", "backslashreplace").decode("ascii")
+        text = text.encode("ascii", "backslashreplace").decode("ascii")
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= MAX_HEADER_CHARS else text[:MAX_HEADER_CHARS - 3] + "..."
 
 
 def check_working_directory(path):
