@@ -8,8 +8,8 @@ frame (bytes), ready for `Channel.publish` or `WebSocket.send`.
 """
 from .wire import kernel_event
 
-NAMES = ("status", "output", "exited", "executionQueued", "workingDirChanged", "resourceUsage",
-         "clientDisconnected", "handshakeCompleted", "messagesDropped", "error")
+NAMES = ("status", "output", "exited", "executionQueued", "executionRequested", "workingDirChanged",
+         "resourceUsage", "clientDisconnected", "handshakeCompleted", "messagesDropped", "outputGap", "error")
 
 
 def status(state, reason):
@@ -30,6 +30,12 @@ def exited(code):
 def execution_queued(msg_id):
     """An execute_request was held: another one is running."""
     return kernel_event("executionQueued", msg_id)
+
+
+def execution_requested(msg_id, code, requested_at, attribution):
+    """An agent asked for an execution (sent before the request is queued); `attribution` says who."""
+    return kernel_event("executionRequested", {"msg_id": msg_id, "code": code, "requested_at": requested_at,
+                                               "attribution": attribution})
 
 
 def working_dir_changed(path):
@@ -54,6 +60,11 @@ def messages_dropped(first_seq, last_seq):
     """Frames `first_seq`..`last_seq` were dropped before any client received them."""
     return kernel_event("messagesDropped", {"count": last_seq - first_seq + 1, "first_seq": first_seq,
                                             "last_seq": last_seq})
+
+
+def output_gap(reason):
+    """Kernel messages may be missing here (the supervisor restarted while the kernel ran)."""
+    return kernel_event("outputGap", {"reason": reason})
 
 
 def error(code, message):
