@@ -202,6 +202,16 @@ def test_too_deep_channel_frame_is_an_error_event(fake_session, open_channel):
     assert "still here" in json.dumps(channel.until_idle(request_))
 
 
+def test_lone_surrogates_in_a_channel_frame(fake_session, open_channel):
+    server, session_id = fake_session
+    channel = open_channel(server, session_id)
+    channel.ws.send('{"header":{"msg_id":"s1","msg_type":"kernel_info_request"},"channel":"shell",'
+                    '"content":{},"metadata":{"x":"\\ud800"}}')
+    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "kernel_info_reply")
+    request_ = channel.execute("print still here")
+    assert "still here" in json.dumps(channel.until_idle(request_))
+
+
 def raw_websocket(server, session_id):
     sock = socket.create_connection(("127.0.0.1", server.info["port"]), timeout=20)
     key = base64.b64encode(os.urandom(16)).decode()

@@ -247,6 +247,14 @@ def test_bad_client_frames_say_what_is_wrong(text, problem):
         wire.parse_client_frame(text)
 
 
+def test_lone_surrogates_are_escaped_not_fatal():
+    msg = wire.parse_client_frame(good_client_frame(content={"code": "\ud800 and \U0001F600"}))
+    frames = wire.serialize(wire.Signer("k"), {"msg_id": "a", "msg_type": "execute_request"}, {}, {}, msg.content)
+    assert json.loads(frames[-1]) == {"code": "\ud800 and \U0001F600"}
+    assert json.loads(events.working_dir_changed("/tmp/caf\udce9")) == {"kind": "kernel",
+                                                                          "workingDirChanged": "/tmp/caf\udce9"}
+
+
 def test_json_depth():
     assert not wire.json_depth_exceeds({"a": [1, {"b": []}]}, 4)  # object, list, object, list
     assert wire.json_depth_exceeds({"a": [1, {"b": [[]]}]}, 4)

@@ -350,7 +350,12 @@ class KernelSession:
                 return None
             return events.error("kernel_not_running", f"Message {msg.msg_id} ({msg.msg_type}) was not "
                                 f"delivered: the kernel is {self.status}")
-        self._deliver(msg)
+        try:
+            self._deliver(msg)
+        except Exception as exc:  # one message we cannot send must not end the client's connection
+            log.exception("session %s: could not deliver %s %s", self.session_id, msg.msg_type, msg.msg_id)
+            return events.error("delivery_failed", f"Message {msg.msg_id} ({msg.msg_type}) was not delivered: "
+                                f"{type(exc).__name__}: {exc}")
         return None
 
     def _deliver(self, msg):

@@ -23,6 +23,7 @@ MAX_CLIENT_DEPTH = 100  # deeper client frames are refused: encoding them again 
 _CHANNEL_BYTES = {name: name.encode() for name in ("shell", "control", "stdin", "iopub")}
 # One encoder for every frame: json.dumps with non-default options builds a new one per call.
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode_ascii = json.JSONEncoder(separators=(",", ":")).encode
 # The C scanner behind json.loads, without json.loads' Python layers (type checks, encoding sniffing).
 _scan = json.scanner.make_scanner(json.JSONDecoder())
 
@@ -41,7 +42,10 @@ def utc_now_iso():
 
 
 def dumps(obj):
-    return _encode(obj).encode()
+    try:
+        return _encode(obj).encode()
+    except UnicodeEncodeError:  # a lone surrogate (a client's "\ud800", an OS path): escaped, still valid JSON
+        return _encode_ascii(obj).encode()
 
 
 def loads(raw):
