@@ -232,10 +232,8 @@ class KernelSession:
                 self.channel.publish(events.handshake_completed(self.session_id, self.connection_info_))
                 phase = "connect"
             info = self.connection_info_
-            if info.get("transport") == "ipc":  # which file name did the kernel bind?
-                started = time.monotonic()
+            if info.get("transport") == "ipc":  # which file name did the kernel bind? (it binds at once)
                 info = dict(info, ipc_separator=ipc.wait_for_socket(info["ip"], info["iopub_port"], timeout, exited))
-                timeout = max(1.0, timeout - (time.monotonic() - started))
             return self._connect(info, timeout, exited)
         except (HandshakeFailed, KernelConnectError, ipc.SocketWaitFailed) as exc:
             raise self._startup_failure(process, phase, exc) from None
