@@ -59,7 +59,8 @@ class Supervisor:
     def create(self, spec):
         session_id = spec["session_id"]
         argv = spec.get("argv") or []
-        if argv:
+        provisioned = (spec.get("kernelspec") or {}).get("provisioner") is not None
+        if argv and not provisioned:  # a provisioner may run argv elsewhere: it judges it
             self._check_kernel_path(argv[0], spec)
         if session_id in self.sessions:
             raise KsError("SessionExists", f"Session {session_id} already exists")

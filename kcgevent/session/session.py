@@ -20,7 +20,7 @@ from . import process as proc_mod
 from . import wire
 from .channel import Channel
 from .execution_queue import ExecutionQueue
-from .handshake import HandshakeFailed, Registration, wants_handshake
+from .handshake import HandshakeFailed, NoHandshake, Registration, SilentKernelProbe, wants_handshake
 from .kernel import KernelConnectError, KernelConnection
 
 log = logging.getLogger(__name__)
@@ -126,14 +126,14 @@ class KernelSession:
                                              "the kernel did not start"})
             self._held = []
 
-    def _start(self):
+    def _start(self, handshake=True):
         argv = list(self.spec.get("argv") or [])
         if not argv:
             raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: "
                                        "No arguments provided", status=500))
         self.set_status("starting", "start API called")
         registration = None
-        if wants_handshake(self.protocol_version):
+        if handshake and wants_handshake(self.protocol_version):
             registration = Registration(self.supervisor.zmq_context, self.key)
             conn_file = self.supervisor.write_kernel_file(self.session_id, "registration",
                                                           registration.file_content())
@@ -147,7 +147,14 @@ class KernelSession:
                 registration.socket.close(0)
             raise
         self.process = process
-        return self._connect_started(process, registration)
+        try:
+            return self._connect_started(process, registration, conn_file)
+        except NoHandshake as exc:
+            log.warning("session %s: %s; starting it again with a connection file", self.session_id, exc)
+            self._exit_token = None  # this exit is ours, not news for the client
+            process.kill_tree()
+            process.exited.wait(5)
+            return self._start(handshake=False)
 
     def _spawn(self, argv):
         env = proc_mod.resolve_env(self.env_actions)
@@ -176,8 +183,11 @@ class KernelSession:
                 "iopub_port": ports[4], "signature_scheme": "hmac-sha256", "key": self.key,
                 "transport": "tcp", "ip": "127.0.0.1"}
 
-    def _connect_started(self, process, registration):
-        """Handshake (JEP 66), connect and kernel_info; on failure kill what we spawned."""
+    def _connect_started(self, process, registration, conn_file):
+        """Handshake (JEP 66), connect and kernel_info; on failure kill what we spawned.
+
+        A kernel told to register that does not is noticed by SilentKernelProbe: its ports are
+        used if it wrote them into the file, else NoHandshake goes up to _start."""
         timeout = float(self.spec.get("connection_timeout") or 30)
 
         def exited():
@@ -186,10 +196,12 @@ class KernelSession:
         phase = "handshake" if registration else "connect"
         try:
             if registration is not None:
-                ports = registration.wait(timeout, exited)
+                probe = SilentKernelProbe(conn_file, process.pid)
+                ports = registration.wait(timeout, exited, probe)
                 self.connection_info_ = {**ports, "signature_scheme": "hmac-sha256", "key": self.key,
                                          "transport": "tcp", "ip": "127.0.0.1"}
-                self.channel.event("handshakeCompleted", [self.session_id, self.connection_info_])
+                if not probe.found_in_file:  # only a real registration is a completed handshake
+                    self.channel.event("handshakeCompleted", [self.session_id, self.connection_info_])
                 phase = "connect"
             return self._connect(self.connection_info_, timeout, exited)
         except (HandshakeFailed, KernelConnectError) as exc:
