@@ -71,7 +71,7 @@ class KernelSession:
         self.process = None
         self.connection = None
         self.resource_usage = None
-        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval)
+        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval, config.buffer_bytes)
         self.channel.on_connect_change = self._on_connect_change
         self.queue = ExecutionQueue()
         self.socket_path = None
