@@ -70,7 +70,7 @@ class KernelSession:
         self.launcher = None  # the KernelLauncher of the current (or last) kernel instance
         self.connection = None
         self.resource_usage = None
-        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval)
+        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval, config.buffer_bytes)
         self.channel.on_connect_change = self._on_connect_change
         self.queue = ExecutionQueue()
         self.socket_path = None
