@@ -138,9 +138,9 @@ class Client:
 class Channel:
     """The session's outbound log plus the currently attached client, if any."""
 
-    def __init__(self, session_id, limit, ping_interval=PING_INTERVAL, byte_limit=None):
+    def __init__(self, session_id, limit, ping_interval=PING_INTERVAL, byte_limit=None, log=None):
         self.session_id = session_id
-        self.log = OutboundLog(limit, byte_limit)
+        self.log = OutboundLog(limit, byte_limit) if log is None else log  # log: e.g. a FileLog
         self.changed = Event()  # set when frames are appended (wakes the writer)
         self.ping_interval = ping_interval
         self.client = None
