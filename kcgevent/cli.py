@@ -51,6 +51,8 @@ def setup_logging(level_name, log_file):
 @argh.arg("--socket-dir", help="directory for the Unix sockets we create")
 @argh.arg("--unix-socket", help="serve HTTP on this Unix socket path")
 @argh.arg("--buffer-limit", type=int, help="frames kept per session for clients that are away")
+@argh.arg("--buffer-bytes", type=int, help="bytes of frames kept per session for clients that are away "
+          "(default 64 MiB)")
 @argh.arg("--shutdown-timeout", type=float, help="seconds kernels get to exit at shutdown before being killed")
 @argh.arg("--ping-interval", type=float, help="seconds between WebSocket pings (a client missing 4 is dropped)")
 @argh.arg("--heartbeat-interval", type=float, help="seconds between kernel heartbeats")
@@ -58,15 +60,16 @@ def setup_logging(level_name, log_file):
 @argh.arg("--idle-shutdown-seconds", type=float, help="like --idle-shutdown-hours, in seconds (for tests)")
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
-          socket_dir=None, unix_socket=None, buffer_limit=100_000, shutdown_timeout=5.0, ping_interval=10.0,
-          heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, version=False):
+          socket_dir=None, unix_socket=None, buffer_limit=100_000, buffer_bytes=64 << 20, shutdown_timeout=5.0,
+          ping_interval=10.0, heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, version=False):
     """Run the kernel supervisor server."""
     if version:
         print(f"kcgevent {VERSION}")
         return
     config = ServerConfig(idle_shutdown_hours=idle_shutdown_hours,
                           resource_sample_interval_ms=max(0, resource_sample_interval),
-                          log_level=log_level, buffer_limit=buffer_limit, shutdown_timeout=shutdown_timeout,
+                          log_level=log_level, buffer_limit=buffer_limit, buffer_bytes=buffer_bytes,
+                          shutdown_timeout=shutdown_timeout,
                           socket_dir=socket_dir, ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
                           heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds)
     try:

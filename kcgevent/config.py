@@ -14,6 +14,7 @@ class ServerConfig:
     resource_sample_interval_ms: int = 1000
     log_level: str | None = None
     buffer_limit: int = 100_000  # frames kept per session for clients
+    buffer_bytes: int = 64 << 20  # bytes of frames kept per session for clients (the newest frame always)
     shutdown_timeout: float = 5.0  # seconds kernels get to exit before their trees are killed
     socket_dir: str | None = None
     ping_interval: float = 10.0

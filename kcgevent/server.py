@@ -15,9 +15,10 @@ import gevent
 from gevent.event import Event
 
 from . import announce
-from .api.channels import session_channel_app
+from .api.channels import SocketEndpoints
 from .app import create_app
 from .config import VERSION, ServerConfig
+from .supervisor import Supervisor
 from .transports import TransportError, open_listener, session_channels
 from .transports.select import choose_transport
 
@@ -85,9 +86,8 @@ class Server:
             log.info("Generated random auth token: %s", token)
         self.config.token = token
         self.config.transport = self.transport
-        app = create_app(self.config)
-        supervisor = app.extensions["kcgevent"]
-        self._wire_session_endpoints(supervisor)
+        supervisor = Supervisor(self.config, channel_endpoints=self._channel_endpoints())
+        app = create_app(self.config, supervisor)
         supervisor.on_shutdown.append(self._stop)
         self.wsgi = self.listener.wsgi_server(app, log=None, error_log=log)
         self.wsgi.start()
@@ -99,20 +99,12 @@ class Server:
         self.stopped.wait()
         log.info("Server stopped")
 
-    def _wire_session_endpoints(self, supervisor):
-        """Per-session channel listeners for the socket and named-pipe transports."""
+    def _channel_endpoints(self):
+        """Per-session channel listeners for the socket and named-pipe transports (None for tcp:
+        channels are WebSocket upgrades on the main port)."""
         sockets = session_channels(self.transport, socket_dir=self.socket_dir, pid=os.getpid(),
                                    log=None, error_log=log)
-        if sockets is None:
-            return  # tcp: channels are WebSocket upgrades on the main port
-        supervisor.session_sockets = sockets
-
-        def endpoint(session):
-            path = sockets.open(session.session_id, session_channel_app(supervisor, session.session_id))
-            session.socket_path = path
-            return path
-
-        supervisor.channel_endpoint = endpoint
+        return None if sockets is None else SocketEndpoints(sockets)
 
     def _announce(self, supervisor, token):
         info = announce.connection_info(self.listener, server_path=os.path.abspath(sys.argv[0]),

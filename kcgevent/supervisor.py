@@ -5,13 +5,9 @@ and it owns what outlives any single session: the ZeroMQ context, the private
 directory for kernel connection files, the resource sampler, idle shutdown
 and graceful shutdown.
 """
-import json
 import logging
 import os
-import hashlib
-import re
 import shutil
-import tempfile
 import time
 import uuid
 
@@ -21,7 +17,9 @@ import zmq.green as zmq
 
 from .config import VERSION, ServerConfig
 from .errors import ApiError, KsError, not_found
+from .kernel_files import KernelFiles
 from .session import win_interrupt
+from .session.launcher import LauncherFactory
 from .session.resources import ResourceSampler
 from .session.session import KernelSession, rfc3339
 
@@ -31,16 +29,27 @@ LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.IN
 
 
 class Supervisor:
-    def __init__(self, config=None):
+    """Given its collaborators at construction:
+
+    - `kernel_files`: where connection files go (KernelFiles);
+    - `launchers`: makes (and restores) each kernel's launcher (LauncherFactory or alike);
+    - `state`: the state dir (state.StateStore), or None: nothing outlives the server;
+    - `channel_endpoints`: per-session channel listeners for non-TCP transports (open(supervisor,
+      session) -> path, close(session_id), close_all()), or None: channels are WebSocket upgrades.
+    """
+
+    def __init__(self, config=None, *, kernel_files=None, launchers=None, state=None, channel_endpoints=None,
+                 server_id=None):
         self.config = config or ServerConfig()
-        self.server_id = str(uuid.uuid4())
+        self.kernel_files = kernel_files or KernelFiles()
+        self.launchers = launchers or LauncherFactory(self.kernel_files.launcher_dir)
+        self.state = state
+        self.channel_endpoints = channel_endpoints
+        self.server_id = server_id or str(uuid.uuid4())
         self.started = time.time()
         self._started_mono = time.monotonic()
         self.sessions = {}  # insertion order = creation order
         self.zmq_context = zmq.Context()
-        self._kernel_dir = None  # made when the first kernel file is written
-        self.session_sockets = None  # set by the server in socket mode: opens per-session listeners
-        self.channel_endpoint = None  # callable(session) -> where its channel is, for non-TCP transports
         self.on_shutdown = []  # callables run once the kernels are gone
         self.client_pid = None
         self.last_nudge = time.monotonic()
@@ -88,38 +97,17 @@ class Supervisor:
         session.terminate()
         self.close_channel_endpoint(session)
         self.remove_kernel_files(session_id)
+        self.kernel_files.remove_launcher_dir(session_id)
         del self.sessions[session_id]
 
     # -- kernel files ---------------------------------------------------------
 
-    @property
-    def kernel_dir(self):
-        """Our private (0700) directory for kernel connection files."""
-        if self._kernel_dir is None:
-            self._kernel_dir = tempfile.mkdtemp(prefix="kcgevent-")
-        return self._kernel_dir
-
-    def _kernel_file(self, session_id, kind):
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", session_id)[:40]
-        digest = hashlib.sha256(session_id.encode()).hexdigest()[:10]
-        return os.path.join(self.kernel_dir, f"{kind}_{safe}-{digest}.json")
-
     def write_kernel_file(self, session_id, kind, content):
         """Write a connection/registration file (0600, in our private dir); return its path."""
-        path = self._kernel_file(session_id, kind)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=2)
-        return path
+        return self.kernel_files.write(session_id, kind, content)
 
     def remove_kernel_files(self, session_id):
-        if self._kernel_dir is None:
-            return
-        for kind in ("connection", "registration"):
-            try:
-                os.unlink(self._kernel_file(session_id, kind))
-            except FileNotFoundError:
-                pass
+        self.kernel_files.remove(session_id)
 
     # -- status -----------------------------------------------------------------
 
@@ -165,9 +153,15 @@ class Supervisor:
 
     # -- channels ----------------------------------------------------------------
 
+    def channel_endpoint(self, session):
+        """Where `session`'s channel listens (non-TCP transports), or None: a WebSocket upgrade here."""
+        if self.channel_endpoints is None:
+            return None
+        return self.channel_endpoints.open(self, session)
+
     def close_channel_endpoint(self, session):
-        if self.session_sockets is not None:
-            self.session_sockets.close(session.session_id)
+        if self.channel_endpoints is not None:
+            self.channel_endpoints.close(session.session_id)
 
     # -- signals -------------------------------------------------------------------
 
@@ -175,7 +169,7 @@ class Supervisor:
         if os.name == "nt":
             win_interrupt.interrupt(session.session_id)
         else:
-            session.process.interrupt()
+            session.launcher.interrupt()
 
     def windows_kernel_env(self, session):
         return win_interrupt.kernel_env(session.session_id)
@@ -223,8 +217,8 @@ class Supervisor:
                 gevent.sleep(0.5)
                 continue
             gevent.sleep(interval / 1000)
-            targets = {s.session_id: s.process.pid for s in self.sessions.values()
-                       if s.channel.connected and s.process is not None and not s.process.exited.is_set()}
+            targets = {s.session_id: s.launcher.pid for s in self.sessions.values()
+                       if s.channel.connected and s.launcher is not None and s.launcher.pid is not None}
             if not targets:
                 continue
             sampler.sampling_period_ms = interval
@@ -271,18 +265,17 @@ class Supervisor:
         self.shutting_down = True
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         sessions = list(self.sessions.values())
-        waiting = [s for s in sessions if s.request_shutdown() and s.process is not None]
+        waiting = [s for s in sessions if s.request_shutdown() and s.launcher is not None]
         deadline = time.monotonic() + timeout
         for session in waiting:
-            session.process.exited.wait(max(0.0, deadline - time.monotonic()))
+            session.launcher.wait(max(0.0, deadline - time.monotonic()))
         for session in sessions:
             session.terminate()
-        if self.session_sockets is not None:
-            self.session_sockets.close_all()
+        if self.channel_endpoints is not None:
+            self.channel_endpoints.close_all()
         for greenlet in (self._sampler, self._idle_watch):
             if greenlet is not None:
                 greenlet.kill(block=False)
-        if self._kernel_dir is not None:
-            shutil.rmtree(self._kernel_dir, ignore_errors=True)
+        self.kernel_files.remove_all()
         for callback in self.on_shutdown:
             callback()

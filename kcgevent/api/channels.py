@@ -84,3 +84,21 @@ def session_channel_app(supervisor, session_id):
             return fail(f"{exc.status} Error", exc.message.replace('"', "'"))
 
     return app
+
+
+class SocketEndpoints:
+    """Per-session channel listeners (Unix sockets, named pipes) as the Supervisor's `channel_endpoints`."""
+
+    def __init__(self, sockets):
+        self.sockets = sockets
+
+    def open(self, supervisor, session):
+        path = self.sockets.open(session.session_id, session_channel_app(supervisor, session.session_id))
+        session.socket_path = path
+        return path
+
+    def close(self, session_id):
+        self.sockets.close(session_id)
+
+    def close_all(self):
+        self.sockets.close_all()

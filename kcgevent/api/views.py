@@ -202,8 +202,9 @@ def interrupt_session(session_id):
 def channels_upgrade(session_id):
     sup = supervisor()
     session = sup.get(session_id)
-    if sup.channel_endpoint is not None:
-        return jsonify(sup.channel_endpoint(session))
+    endpoint = sup.channel_endpoint(session)
+    if endpoint is not None:
+        return jsonify(endpoint)
     return serve_channel(sup, session, request.environ)
 
 

@@ -19,6 +19,21 @@ The log is bounded (`limit` frames). Frames already sent go first; if unsent
 frames must be dropped, the next client is told with a `messagesDropped`
 event naming the sequence range.
 """
+# Storage interface the Channel expects from its log (OutboundLog in outbound_log.py keeps frames in
+# memory; a file-backed log must offer the same, with the same meaning):
+#   append(frame: bytes) -> seq        seqs start at 1 and grow by one per frame, never reused
+#   read(seq, max_frames, max_bytes)   [(seq, frame)] from max(seq, first_seq) on, in order
+#   first_seq, next_seq, len(log)      oldest kept seq, seq of the next append, frames kept
+#   nbytes, limit, byte_limit          bytes kept, the two bounds (byte_limit may be None)
+#   over_limit() -> bool               more than `limit` frames or `byte_limit` bytes (newest always kept)
+#   trim(keep_from) -> (first, last) | None
+#                                      enforce the bounds: frames before keep_from go first; returns the
+#                                      range of the others that had to go (reported as messagesDropped)
+#   forget_delivered(delivered_upto, keep_bytes) -> count
+#                                      forget acknowledged frames except the newest keep_bytes of them
+#   forget_before(seq) -> count, clear()
+# The Channel calls these from one greenlet at a time and never holds a frame after handing it to the
+# socket, so a store may drop its copy (or page it out) as soon as forget_* / trim say so.
 import logging
 import struct
 
@@ -31,13 +46,12 @@ except ImportError:  # Windows: no TIOCOUTQ; drops replay from the client's curs
 import gevent
 from gevent.event import Event
 
+from .outbound_log import BATCH_FRAMES, OutboundLog
 from .wire import kernel_event
 from ..websocket import ConnectionClosed
 
 log = logging.getLogger(__name__)
 
-BATCH_FRAMES = 512
-BATCH_BYTES = 1 << 20
 PING_INTERVAL = 10.0
 HANDOVER_TIMEOUT = 2.0
 DISCONNECT_REASON = "Another client is connecting to this session."
@@ -52,72 +66,6 @@ def unacked_bytes(sock):
         return struct.unpack("i", buf)[0]
     except (OSError, ValueError, AttributeError):
         return 0
-
-
-class OutboundLog:
-    """Frames with sequence numbers; the oldest are forgotten past `limit`.
-
-    Forgetting only advances `_head`; the list is compacted once half of it
-    is forgotten, so trimming stays O(1) amortized even at the limit.
-    """
-
-    def __init__(self, limit):
-        self.limit = max(1, limit)
-        self._frames = []
-        self._head = 0  # index in _frames of first_seq
-        self._first_seq = 1
-        self.changed = Event()
-
-    def __len__(self):
-        return len(self._frames) - self._head
-
-    @property
-    def next_seq(self):
-        return self._first_seq + len(self)
-
-    @property
-    def first_seq(self):
-        return self._first_seq
-
-    def append(self, frame):
-        self._frames.append(frame)
-        self.changed.set()
-
-    def read(self, seq, max_frames=BATCH_FRAMES, max_bytes=BATCH_BYTES):
-        """Frames from `seq` on (a batch), as a list of (seq, frame)."""
-        start = self._head + max(seq, self._first_seq) - self._first_seq
-        out, size = [], 0
-        for i in range(start, min(len(self._frames), start + max_frames)):
-            frame = self._frames[i]
-            out.append((self._first_seq + i - self._head, frame))
-            size += len(frame)
-            if size >= max_bytes:
-                break
-        return out
-
-    def _forget(self, count):
-        self._head += count
-        self._first_seq += count
-        if self._head > len(self._frames) // 2:
-            del self._frames[:self._head]
-            self._head = 0
-
-    def trim(self, keep_from):
-        """Enforce the limit, forgetting frames before `keep_from` (already sent) first.
-
-        Returns the (first, last) seqs of unsent frames that had to go, or None.
-        """
-        overflow = len(self) - self.limit
-        if overflow <= 0:
-            return None
-        sent = max(0, min(keep_from, self.next_seq) - self._first_seq)
-        self._forget(min(sent, overflow))
-        overflow = len(self) - self.limit
-        if overflow <= 0:
-            return None
-        lost = (self._first_seq, self._first_seq + overflow - 1)
-        self._forget(overflow)
-        return lost
 
 
 class Client:
@@ -140,8 +88,8 @@ class Client:
             while not self.stopping:
                 batch = log_.read(self.cursor)
                 if not batch:
-                    log_.changed.clear()
-                    log_.changed.wait()
+                    self.channel.changed.clear()
+                    self.channel.changed.wait()
                     continue
                 notice = self.channel.take_drop_notice()  # frames this client fell too far behind for
                 if notice is not None:
@@ -190,9 +138,10 @@ class Client:
 class Channel:
     """The session's outbound log plus the currently attached client, if any."""
 
-    def __init__(self, session_id, limit, ping_interval=PING_INTERVAL):
+    def __init__(self, session_id, limit, ping_interval=PING_INTERVAL, byte_limit=None, log=None):
         self.session_id = session_id
-        self.log = OutboundLog(limit)
+        self.log = OutboundLog(limit, byte_limit) if log is None else log  # log: e.g. a FileLog
+        self.changed = Event()  # set when frames are appended (wakes the writer)
         self.ping_interval = ping_interval
         self.client = None
         self.cursor = 1  # where the next client without `after` starts
@@ -205,14 +154,15 @@ class Channel:
 
     def publish(self, frame):
         self.log.append(frame)
-        if len(self.log) > self.log.limit:
+        self.changed.set()
+        if self.log.over_limit():
             self._trim()
 
     def event(self, name, payload):
         self.publish(kernel_event(name, payload))
 
     def on_progress(self):
-        if len(self.log) > self.log.limit:
+        if self.log.over_limit():
             self._trim()
 
     def _trim(self):
@@ -258,7 +208,7 @@ class Channel:
     def _hand_over(self, old):
         """Stop the old writer at a frame boundary, then tell the old client it was replaced."""
         old.stopping = True
-        self.log.changed.set()
+        self.changed.set()
         finished = old.writer.join(HANDOVER_TIMEOUT) is not None or old.writer.dead
         if not old.writer.dead:
             old.writer.kill(block=True, timeout=1)
@@ -276,7 +226,7 @@ class Channel:
         if self.client is not client:
             return  # already replaced; the handover settled its cursor
         client.stopping = True
-        self.log.changed.set()
+        self.changed.set()
         client.writer.kill(block=True, timeout=1)
         self.cursor = client.first_unacknowledged()
         client.ws.shutdown()
@@ -294,7 +244,7 @@ class Channel:
         client = self.client
         if client is not None:
             client.stopping = True
-            self.log.changed.set()
+            self.changed.set()
             client.writer.join(HANDOVER_TIMEOUT)
             client.writer.kill(block=True, timeout=1)
             client.ws.close(1001, "session deleted")

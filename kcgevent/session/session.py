@@ -13,8 +13,6 @@ import socket
 import time
 from datetime import datetime, timezone
 
-import psutil
-
 from ..errors import KsError, StartupError
 from . import process as proc_mod
 from . import wire
@@ -22,6 +20,7 @@ from .channel import Channel
 from .execution_queue import ExecutionQueue
 from .handshake import HandshakeFailed, NoHandshake, Registration, SilentKernelProbe, wants_handshake
 from .kernel import KernelConnectError, KernelConnection
+from .launcher import LaunchError, LaunchRequest
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +67,10 @@ class KernelSession:
         self.kernel_info = {}
         self.initial_env = {}
         self.connection_info_ = None
-        self.process = None
+        self.launcher = None  # the KernelLauncher of the current (or last) kernel instance
         self.connection = None
         self.resource_usage = None
-        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval)
+        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval, config.buffer_bytes)
         self.channel.on_connect_change = self._on_connect_change
         self.queue = ExecutionQueue()
         self.socket_path = None
@@ -141,41 +140,41 @@ class KernelSession:
             self.connection_info_ = self._new_connection_info()
             conn_file = self.supervisor.write_kernel_file(self.session_id, "connection", self.connection_info_)
         try:
-            process = self._spawn(proc_mod.substitute_argv(argv, conn_file))
+            launcher = self._launch(proc_mod.substitute_argv(argv, conn_file), conn_file)
         except StartupError:
             if registration is not None:
                 registration.socket.close(0)
             raise
-        self.process = process
+        self.launcher = launcher
         try:
-            return self._connect_started(process, registration, conn_file)
+            return self._connect_started(launcher, registration, conn_file)
         except NoHandshake as exc:
             log.warning("session %s: %s; starting it again with a connection file", self.session_id, exc)
             self._exit_token = None  # this exit is ours, not news for the client
-            process.kill_tree()
-            process.exited.wait(5)
+            launcher.kill()
+            launcher.wait(5)
+            launcher.cleanup()
             return self._start(handshake=False)
 
-    def _spawn(self, argv):
+    def _launch(self, argv, conn_file):
+        """Start the kernel through a new launcher (StartupError if it cannot be started)."""
         env = proc_mod.resolve_env(self.env_actions)
         if os.name == "nt":
             env.update(self.supervisor.windows_kernel_env(self))
         self.initial_env = env
-        try:
-            plan = proc_mod.plan_startup(argv, env, self.working_directory,
-                                         self.spec.get("startup_environment", "none"),
-                                         self.spec.get("startup_environment_arg"))
-        except proc_mod.StartupScriptError as exc:
-            self.set_status("exited", "startup script not found")
-            raise StartupError(KsError("ProcessStartFailed", str(exc), status=500)) from None
         token = self._exit_token = object()
+        launcher = self.supervisor.launchers.new(self, self._on_output, lambda code: self._on_exit(token, code))
+        request = LaunchRequest(argv, env, self.working_directory, conn_file, self.connection_info_,
+                                self.spec.get("startup_environment", "none"),
+                                self.spec.get("startup_environment_arg"), self.session_id)
         try:
-            return proc_mod.KernelProcess.spawn(plan, self._on_output,
-                                                on_exit=lambda code: self._on_exit(token, code))
-        except proc_mod.SpawnError as exc:
-            self.set_status("exited", f"failed to spawn process: {exc}")
-            raise StartupError(KsError("ProcessStartFailed", f"Failed to start process for session: {exc}",
-                                       status=500), exit_code=exc.errno) from None
+            launcher.start(request)
+        except LaunchError as exc:
+            self.set_status("exited", exc.reason)
+            raise StartupError(KsError("ProcessStartFailed", exc.message, status=500), exit_code=exc.errno) from None
+        if launcher.connection_info is not None:
+            self.connection_info_ = dict(launcher.connection_info)
+        return launcher
 
     def _new_connection_info(self):
         ports = free_ports(5)
@@ -183,7 +182,7 @@ class KernelSession:
                 "iopub_port": ports[4], "signature_scheme": "hmac-sha256", "key": self.key,
                 "transport": "tcp", "ip": "127.0.0.1"}
 
-    def _connect_started(self, process, registration, conn_file):
+    def _connect_started(self, launcher, registration, conn_file):
         """Handshake (JEP 66), connect and kernel_info; on failure kill what we spawned.
 
         A kernel told to register that does not is noticed by SilentKernelProbe: its ports are
@@ -191,12 +190,13 @@ class KernelSession:
         timeout = float(self.spec.get("connection_timeout") or 30)
 
         def exited():
-            return "The kernel exited before a connection could be established" if process.exited.is_set() else None
+            return ("The kernel exited before a connection could be established"
+                    if launcher.poll() is not None else None)
 
         phase = "handshake" if registration else "connect"
         try:
             if registration is not None:
-                probe = SilentKernelProbe(conn_file, process.pid)
+                probe = SilentKernelProbe(conn_file, launcher.pid)
                 ports = registration.wait(timeout, exited, probe)
                 self.connection_info_ = {**ports, "signature_scheme": "hmac-sha256", "key": self.key,
                                          "transport": "tcp", "ip": "127.0.0.1"}
@@ -205,29 +205,29 @@ class KernelSession:
                 phase = "connect"
             return self._connect(self.connection_info_, timeout, exited)
         except (HandshakeFailed, KernelConnectError) as exc:
-            raise self._startup_failure(process, phase, exc) from None
+            raise self._startup_failure(launcher, phase, exc) from None
 
-    def _startup_failure(self, process, phase, exc):
-        process.kill_tree()
-        process.exited.wait(5)
-        output = process.startup_output()
+    def _startup_failure(self, launcher, phase, exc):
+        launcher.kill()
+        launcher.wait(5)
+        output = launcher.startup_output()
         if exc.kind == "aborted":
-            code = process.exit_code
+            code = launcher.poll()
             if phase == "handshake":
-                error = KsError("ExitedBeforeConnection", str(exc), details=process.describe_failure("exit"))
+                error = KsError("ExitedBeforeConnection", str(exc), details=launcher.describe_failure("exit"))
             else:
-                error = KsError("ProcessAbnormalExit", f"The process exited abnormally (exit status: {code})",
-                                details=process.describe_failure("exit"))
+                error = KsError("ProcessAbnormalExit", f"The launcher exited abnormally (exit status: {code})",
+                                details=launcher.describe_failure("exit"))
             return StartupError(error, exit_code=code, output=output)
         if phase == "handshake":
             error = KsError("HandshakeFailed", f"JEP 66 handshake failed for session {self.session_id}: {exc}",
-                            details=process.describe_failure("connect"))
+                            details=launcher.describe_failure("connect"))
         elif exc.kind == "timeout":
-            error = KsError("SessionConnectionTimeout", str(exc), details=process.describe_failure("connect"))
+            error = KsError("SessionConnectionTimeout", str(exc), details=launcher.describe_failure("connect"))
         else:
             error = KsError("SessionConnectionFailed", f"Failed to connect to session's ZeroMQ sockets: {exc}",
-                            details=process.describe_failure("connect"))
-        return StartupError(error, exit_code=process.exit_code, output=output)
+                            details=launcher.describe_failure("connect"))
+        return StartupError(error, exit_code=launcher.poll(), output=output)
 
     def _connect(self, info, timeout, should_abort):
         """Connect ZeroMQ, wait for kernel_info with a live iopub, then start relaying."""
@@ -343,7 +343,7 @@ class KernelSession:
 
     def _check_working_directory(self):
         """Emit workingDirChanged when the kernel's cwd moved (after an execute)."""
-        cwd = self.process.cwd() if self.process is not None else None
+        cwd = self.launcher.cwd() if self.launcher is not None else None
         if not cwd:
             return
         if self._known_cwd is None:
@@ -356,7 +356,7 @@ class KernelSession:
 
     def interrupt(self):
         if self.spec.get("interrupt_mode", "message") == "signal":
-            if self.process is None or self.process.exited.is_set():
+            if self.launcher is None or self.launcher.poll() is not None:
                 raise KsError("SessionInterruptFailed",
                               f"Failed to interrupt session {self.session_id}: No process ID to interrupt")
             self.supervisor.interrupt_process(self)
@@ -371,13 +371,13 @@ class KernelSession:
         if not self.running:
             raise KsError("SessionNotRunning", f"Session {self.session_id} is not running")
         self.queue.clear()
-        process = self.process
-        if process is None or process.exited.is_set():
+        launcher = self.launcher
+        if launcher is None or launcher.poll() is not None:
             raise KsError("NoProcess", f"There is no process associated with session {self.session_id} "
                           "(has it exited?)")
-        process.kill_tree()
-        if not process.exited.wait(5):
-            raise KsError("ProcessNotFound", f"Can't find process {process.pid} for session {self.session_id}",
+        pid = launcher.pid
+        if not launcher.kill() and launcher.wait(5) is None:
+            raise KsError("ProcessNotFound", f"Can't find process {pid} for session {self.session_id}",
                           details="the process did not exit after SIGKILL")
 
     def restart(self, working_directory=None, env=None):
@@ -402,11 +402,8 @@ class KernelSession:
                 self.working_directory = path
                 return
             log.warning("session %s: restart directory %r is not a directory; ignored", self.session_id, requested)
-        if self.process is not None and not self.process.exited.is_set():
-            try:
-                cwd = psutil.Process(self.process.pid).cwd()
-            except (psutil.Error, OSError):
-                return
+        if self.launcher is not None and self.launcher.poll() is None:
+            cwd = self.launcher.cwd()
             if cwd and cwd != self.working_directory:
                 self.working_directory = cwd
                 self.channel.event("workingDirChanged", cwd)
@@ -414,13 +411,13 @@ class KernelSession:
     def _stop_for_restart(self):
         """Ask the kernel to shut down for a restart; kill it if it won't."""
         self.queue.clear()
-        process = self.process
-        if process is not None and not process.exited.is_set():
+        launcher = self.launcher
+        if launcher is not None and launcher.poll() is None:
             if self.connection is not None:
                 self.connection.send("control", "shutdown_request", {"restart": True})
-            if not process.exited.wait(self.supervisor.config.shutdown_timeout):
-                process.kill_tree()
-                process.exited.wait(5)
+            if launcher.wait(self.supervisor.config.shutdown_timeout) is None:
+                launcher.kill()
+                launcher.wait(5)
         elif self.connection is not None:  # an adopted kernel: we can only let go of it
             self.connection.close()
             self.connection = None
@@ -437,8 +434,10 @@ class KernelSession:
 
     def terminate(self):
         """Make sure nothing of this session outlives the server."""
-        if self.process is not None and not self.process.exited.is_set():
-            self.process.kill_tree()
+        if self.launcher is not None:
+            if self.launcher.poll() is None:
+                self.launcher.kill()
+            self.launcher.cleanup()
         if self.connection is not None:
             self.connection.close()
             self.connection = None
@@ -461,7 +460,7 @@ class KernelSession:
         finally:
             self._end_verb()
         self.connection_info_ = dict(info)
-        self.process = None
+        self.launcher = None
         return reply
 
     def connection_info(self):
@@ -481,8 +480,9 @@ class KernelSession:
             "session_id": self.session_id,
             "argv": list(self.spec.get("argv") or []),
         }
-        if self.process is not None and not self.process.exited.is_set():
-            data["process_id"] = self.process.pid
+        pid = self.launcher.pid if self.launcher is not None and self.launcher.poll() is None else None
+        if pid is not None:
+            data["process_id"] = pid
         data.update({
             "username": self.spec.get("username", ""),
             "display_name": self.spec.get("display_name", ""),

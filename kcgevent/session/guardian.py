@@ -1,0 +1,255 @@
+"""The kernel guardian: a tiny parent process per kernel that makes sure nothing outlives its supervisor
+for longer than it should.
+
+Run as ``python -I -S guardian.py --dir DIR [options]``, the kernel's command line in ``DIR/argv.json``
+(not on ours, so that nothing mistakes the guardian for the kernel) (standard library only, no kcgevent
+import: it starts in a few milliseconds and no kernel environment can break it). It
+
+- starts the kernel as its child, in its own process group (the group the server signals for an
+  interrupt), with SIGINT/SIGTERM/SIGPIPE back at their defaults;
+- is the child subreaper (Linux) of everything below it, so a process the kernel starts and then
+  abandons (``sleep 600 &``) stays in its tree and is killed with it;
+- writes ``status.json`` (atomically) in its directory: its own pid, the kernel's pid, and the kernel's
+  exit code once known; a supervisor that restarts finds the kernel again through this file;
+- watches the supervisor. Without ``--lock`` the supervisor is its parent: when the parent dies (or
+  sends SIGTERM) the guardian ends the kernel's whole tree at once. With ``--lock FILE`` (a state dir)
+  the supervisor is whoever holds the POSIX lock on FILE: while no one holds it, a countdown of
+  ``--grace`` seconds runs; a supervisor that takes the lock again stops it; when it expires, the tree
+  is ended;
+- with ``--output DIR``, gives the kernel ``DIR/stdout`` and ``DIR/stderr`` (append-only files) instead
+  of its own pipes, so a kernel that prints while no supervisor runs never gets EPIPE;
+- exits with the kernel's status (the same code, or killed by the same signal) after ending whatever
+  the kernel left behind.
+"""
+import errno
+import json
+import os
+import signal
+import struct
+import sys
+import time
+
+try:
+    import ctypes
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except (ImportError, OSError):  # pragma: no cover - exotic builds
+    _LIBC = None
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+TICK = 0.2  # seconds between checks of the supervisor when no signal arrives
+TERM_WAIT = 2.0  # seconds the tree gets between SIGTERM and SIGKILL
+_FLOCK = "hhqqi4x"  # struct flock on Linux (64-bit off_t)
+
+
+def prctl(option, value):
+    if _LIBC is not None:
+        _LIBC.prctl(option, value, 0, 0, 0)
+
+
+def write_status(directory, status):
+    tmp = os.path.join(directory, "status.json.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(status, f)
+    os.replace(tmp, os.path.join(directory, "status.json"))
+
+
+def lock_held(path):
+    """True if some process holds a POSIX lock on `path` (tested with F_GETLK: we never take it)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        request = struct.pack(_FLOCK, fcntl.F_WRLCK, 0, 0, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, request)
+        return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+    except OSError:
+        return True  # cannot tell: do not end kernels on a doubt
+    finally:
+        os.close(fd)
+
+
+def descendants(root):
+    """Pids below `root` (Linux /proc walk; elsewhere empty: the process group is signalled instead)."""
+    children = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for pid in children.get(todo.pop(), ()):
+            found.append(pid)
+            todo.append(pid)
+    return found
+
+
+def signal_tree(kernel, sig):
+    """`sig` to every process below us: as the subreaper we are the ancestor of all the kernel started,
+    also of those that left its process group. Without /proc, the kernel alone."""
+    pids = descendants(os.getpid()) if os.path.isdir("/proc") else [kernel]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+
+
+def reap(kernel_pid):
+    """Reap every exited child; return the kernel's wait status if it was among them, else None."""
+    status = None
+    while True:
+        try:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return status
+        if pid == 0:
+            return status
+        if pid == kernel_pid:
+            status = code
+
+
+def spawn(argv, output_dir):
+    """Fork and exec the kernel; raise OSError (errno from exec) if it could not be started."""
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, False)
+    pid = os.fork()
+    if pid == 0:  # the kernel
+        try:
+            os.close(read_end)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            if output_dir:
+                for fd, name in ((1, "stdout"), (2, "stderr")):
+                    out = os.open(os.path.join(output_dir, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                    os.dup2(out, fd)
+                    os.close(out)
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            os.write(write_end, b"%d %s" % (exc.errno or 0, (exc.strerror or str(exc)).encode()))
+        finally:
+            os._exit(127)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        failure = f.read()
+    if failure:
+        os.waitpid(pid, 0)
+        code, _, text = failure.partition(b" ")
+        raise OSError(int(code), text.decode(errors="replace"))
+    return pid
+
+
+def parse(args):
+    options = {"lock": None, "grace": 0.0, "output": None, "dir": None}
+    while args:
+        name, value = args[0], args[1]
+        options[name.lstrip("-")] = value
+        args = args[2:]
+    options["grace"] = float(options["grace"])
+    with open(os.path.join(options["dir"], "argv.json")) as f:
+        return options, json.load(f)
+
+
+def mirror_exit(status):
+    """Exit the way the kernel did."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+
+def main(args):
+    options, argv = parse(args)
+    directory = options["dir"]
+    parent = os.getppid()
+    if options["lock"]:
+        prctl(PR_SET_PDEATHSIG, 0)  # our supervisor may die; the lock tells whether one is back
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    watched = [signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP]
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, our group mate
+    try:
+        kernel = spawn(argv, options["output"])
+    except OSError as exc:
+        write_status(directory, {"guardian_pid": os.getpid(), "spawn_error": [exc.errno, exc.strerror]})
+        os._exit(127)
+    write_status(directory, {"guardian_pid": os.getpid(), "kernel_pid": kernel, "exit_code": None})
+    if options["lock"] and options["output"]:
+        null = os.open(os.devnull, os.O_WRONLY)  # our own pipes may lose their reader: never write there
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+    orphaned_since = None
+    ending = None  # monotonic time of the SIGTERM to the tree, once we decided to end it
+    while True:
+        status = reap(kernel)
+        if status is not None:
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+            write_status(directory, {"guardian_pid": os.getpid(), "kernel_pid": kernel, "exit_code": code})
+            end_tree(kernel)
+            mirror_exit(status)
+        now = time.monotonic()
+        if ending is None:
+            if options["lock"]:
+                alive = lock_held(options["lock"])
+            else:
+                alive = os.getppid() == parent
+            if alive:
+                orphaned_since = None
+            elif orphaned_since is None:
+                orphaned_since = now
+            if orphaned_since is not None and now - orphaned_since >= options["grace"]:
+                ending = now
+                signal_tree(kernel, signal.SIGTERM)
+        elif now - ending >= TERM_WAIT:
+            signal_tree(kernel, signal.SIGKILL)
+        got = signal.sigtimedwait(watched, TICK)
+        if got is not None and got.si_signo in (signal.SIGTERM, signal.SIGHUP) and ending is None:
+            if not options["lock"] or got.si_signo == signal.SIGTERM:
+                ending = time.monotonic()
+                signal_tree(kernel, signal.SIGTERM)
+
+
+def end_tree(kernel):
+    """The kernel is gone: whatever it left behind goes too (SIGTERM, then SIGKILL)."""
+    if not descendants(os.getpid()):
+        return
+    signal_tree(kernel, signal.SIGTERM)
+    deadline = time.monotonic() + TERM_WAIT
+    while time.monotonic() < deadline:
+        reap(-1)
+        if not descendants(os.getpid()):
+            break
+        time.sleep(0.05)
+    signal_tree(kernel, signal.SIGKILL)
+    time.sleep(0.01)
+    reap(-1)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:  # pragma: no cover
+        os._exit(130)
+    except OSError as exc:
+        if exc.errno != errno.EINTR:
+            raise
