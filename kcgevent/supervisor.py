@@ -276,6 +276,9 @@ class Supervisor:
         for greenlet in (self._sampler, self._idle_watch):
             if greenlet is not None:
                 greenlet.kill(block=False)
+        close = getattr(self.launchers, "close", None)
+        if close is not None:
+            close()
         self.kernel_files.remove_all()
         for callback in self.on_shutdown:
             callback()

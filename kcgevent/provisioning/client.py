@@ -47,8 +47,9 @@ class HostGone(HostError):
 class ProvisionerHost:
     """A running host process and the calls waiting for its answers."""
 
-    def __init__(self, env=None):
+    def __init__(self, env=None, keep_kernels=False):
         self._env = env
+        self.keep_kernels = keep_kernels
         self._process = None
         self._pending = {}
         self._ids = itertools.count(1)
@@ -71,7 +72,12 @@ class ProvisionerHost:
         env = dict(self._env or os.environ)
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        self._process = subprocess.Popen([sys.executable, "-m", "kcgevent.provisioning.host"],
+        for name in ("PYTEST_CURRENT_TEST", "PYTEST_RUN_CONFIG"):  # provisioners behave differently under them
+            env.pop(name, None)
+        argv = [sys.executable, "-m", "kcgevent.provisioning.host"]
+        if self.keep_kernels:
+            argv.append("--keep-kernels")
+        self._process = subprocess.Popen(argv,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          env=env, start_new_session=True)
         ready = AsyncResult()

@@ -12,10 +12,11 @@ Protocol: one JSON object per line. Requests on stdin: ``{"id", "op", ...argumen
 the *original* stdout: ``{"id", "ok": result}`` or ``{"id", "error": {"type", "message"}}``. File
 descriptor 1 is pointed at stderr as soon as we start, so nothing a library or a locally launched
 kernel prints can corrupt the protocol. Requests run concurrently; each kernel's are serialized.
-On end of input the host exits *without* touching its kernels: whether they live on is the
-server's decision, made before it lets go (kill, or keep them for a supervisor restart).
+On end of input (the server is gone, normally or not) the host kills and cleans up the kernels it
+still knows, unless started with ``--keep-kernels`` (a server with a state dir: a restarted server
+finds them again from their provisioner info); either way it then exits.
 
-    python -m kcgevent.provisioning.host
+    python -m kcgevent.provisioning.host [--keep-kernels]
 """
 import asyncio
 import json
@@ -183,6 +184,18 @@ class Host:
             kernel.remove_connection_file()
             self.kernels.pop(kernel.kernel_id, None)
 
+    async def end_all(self):
+        """The server is gone without ending these kernels: end them (no orphans)."""
+        for kernel in list(self.kernels.values()):
+            try:
+                if await kernel.provisioner.poll() is None:
+                    await kernel.provisioner.kill()
+                await kernel.provisioner.cleanup(restart=False)
+            except Exception:
+                log.exception("kernel %s could not be ended", kernel.kernel_id)
+            kernel.remove_connection_file()
+        self.kernels.clear()
+
     async def op_forget(self, request):
         """Drop a kernel without touching it (the server keeps it for a later supervisor)."""
         self.kernels.pop(request["kernel_id"], None)
@@ -204,6 +217,10 @@ def main():
         protocol_out.write(json.dumps({"id": None, "ok": {"ready": True, "pid": os.getpid()}}) + "\n")
         protocol_out.flush()
         await host.serve(reader)
+        if host.tasks:
+            await asyncio.wait(list(host.tasks), timeout=30)
+        if "--keep-kernels" not in sys.argv[1:]:
+            await host.end_all()
 
     asyncio.run(run())
 

@@ -132,7 +132,11 @@ class KernelSession:
                                        "No arguments provided", status=500))
         self.set_status("starting", "start API called")
         registration = None
-        if handshake and wants_handshake(self.protocol_version):
+        provisioned = (self.spec.get("kernelspec") or {}).get("provisioner") is not None
+        if provisioned:  # the provisioner writes (and keeps across restarts) its own connection file
+            self.connection_info_ = None
+            conn_file = self.supervisor.kernel_files.path(self.session_id, "provisioned")
+        elif handshake and wants_handshake(self.protocol_version):
             registration = Registration(self.supervisor.zmq_context, self.key)
             conn_file = self.supervisor.write_kernel_file(self.session_id, "registration",
                                                           registration.file_content())
@@ -478,7 +482,7 @@ class KernelSession:
         now = time.monotonic()
         data = {
             "session_id": self.session_id,
-            "argv": list(self.spec.get("argv") or []),
+            "argv": list(getattr(self.launcher, "cmd", None) or self.spec.get("argv") or []),  # a provisioner's own
         }
         pid = self.launcher.pid if self.launcher is not None and self.launcher.poll() is None else None
         if pid is not None:

@@ -1,0 +1,123 @@
+"""Kernelspecs naming a kernel provisioner: launched through jupyter_client's registry in the
+provisioner host (jupyter_client's local-provisioner; gateway_provisioners' Kubernetes one without a
+cluster)."""
+import json
+import os
+
+import psutil
+import pytest
+from conftest import PYTHON, get_session, kernel_events, new_id, pid_gone, replies_to, stream_text, wait_for
+
+pytest.importorskip("jupyter_client")
+
+
+def write_kernelspec(jupyter_path, name, **spec):
+    directory = jupyter_path / "kernels" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "kernel.json").write_text(json.dumps(spec))
+    return directory
+
+
+@pytest.fixture
+def jupyter_path(tmp_path):
+    path = tmp_path / "jupyter"
+    write_kernelspec(path, "py-local", argv=["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                     display_name="Python via local-provisioner", language="python",
+                     env={"KCG_SPEC_VAR": "from the kernelspec"},
+                     metadata={"kernel_provisioner": {"provisioner_name": "local-provisioner"}})
+    write_kernelspec(path, "k8s-python", argv=[PYTHON, "-m", "gateway_provisioners.kernel-launchers.k8s",
+                                                "--kernel-id", "{kernel_id}", "--port-range", "{port_range}",
+                                                "--response-address", "{response_address}",
+                                                "--public-key", "{public_key}"],
+                     display_name="Python on Kubernetes", language="python",
+                     metadata={"kernel_provisioner": {"provisioner_name": "kubernetes-provisioner",
+                                                      "config": {"image_name": "elyra/kernel-py:3.2.3"}}})
+    return path
+
+
+@pytest.fixture
+def prov_server(start_server, jupyter_path):
+    return start_server("--transport", "tcp", "--resource-sample-interval", "200",
+                        env={"JUPYTER_PATH": str(jupyter_path)})
+
+
+def run_code(channel, code, timeout=30):
+    request = channel.execute(code)
+    frames = replies_to(channel.until_idle(request, timeout=timeout), request)
+    return request, frames
+
+
+def test_local_provisioner_kernel_runs_restarts_and_dies(prov_server, open_channel):
+    client = prov_server.client
+    session_id = new_id("prov")
+    client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": "py-local"})
+    client.call("POST", f"/sessions/{session_id}/start", timeout=60)
+    described = get_session(prov_server, session_id)
+    assert described["interrupt_mode"] == "signal"
+    # the argv reported is what the provisioner ran: this interpreter, the provisioner's connection file
+    assert described["argv"][:3] == [PYTHON, "-m", "ipykernel_launcher"] and "{" not in " ".join(described["argv"])
+    first_pid = described["process_id"]
+    # the kernel is the provisioner host's child, not the server's
+    parent = psutil.Process(first_pid).parent()
+    assert "kcgevent.provisioning.host" in " ".join(parent.cmdline()), parent.cmdline()
+
+    channel = open_channel(prov_server, session_id)
+    _, frames = run_code(channel, "import os; print(os.environ['KCG_SPEC_VAR'], os.getpid())")
+    text, pid = stream_text(frames).rsplit(" ", 1)
+    assert text == "from the kernelspec" and int(pid) == first_pid
+
+    # a local kernel: its resource usage is measured
+    wait_for(lambda: get_session(prov_server, session_id).get("resource_usage"), 15, "resource usage")
+
+    # interrupt (signal mode, through the provisioner's send_signal)
+    request = channel.execute("import time; time.sleep(30)")
+    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "status"
+                  and f["content"].get("execution_state") == "busy", timeout=15)
+    client.call("POST", f"/sessions/{session_id}/interrupt")
+    frames = channel.until_idle(request, timeout=20)
+    errors = [f for f in replies_to(frames, request) if f["header"]["msg_type"] == "error"]
+    assert errors and errors[0]["content"]["ename"] == "KeyboardInterrupt", frames
+
+    # restart with the same provisioner: a new kernel process, state gone
+    run_code(channel, "marker = 42")
+    client.call("POST", f"/sessions/{session_id}/restart", timeout=60)
+    wait_for(lambda: pid_gone(first_pid), 15, "the first kernel to exit")
+    second_pid = get_session(prov_server, session_id)["process_id"]
+    assert second_pid != first_pid
+    _, frames = run_code(channel, "print('marker' in globals())")
+    assert stream_text(frames) == "False\n"
+
+    # kill: the kernel is gone and the session says so
+    client.call("POST", f"/sessions/{session_id}/kill")
+    wait_for(lambda: pid_gone(second_pid), 15, "the killed kernel to exit")
+    wait_for(lambda: get_session(prov_server, session_id)["status"] == "exited", 15, "status exited")
+    assert "process_id" not in get_session(prov_server, session_id)
+    assert kernel_events(channel.frames, "exited")
+    client.call("DELETE", f"/sessions/{session_id}")
+
+
+def test_kubernetes_without_a_cluster_fails_fast_saying_so(prov_server):
+    pytest.importorskip("kubernetes", reason="gateway_provisioners[k8s] (kcgevent[remote]) is not installed")
+    client = prov_server.client
+    session_id = new_id("k8s")
+    client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": "k8s-python"})
+    # well within 90 s: the client gives up after 60
+    status, body = client.request("POST", f"/sessions/{session_id}/start", timeout=60)
+    assert status == 500, body
+    message = body["error"]["message"]
+    assert "kubernetes-provisioner" in message and "cluster or its configuration could not be reached" in message, body
+    assert get_session(prov_server, session_id)["status"] == "exited"
+    client.call("DELETE", f"/sessions/{session_id}")
+
+
+def test_provisioner_host_ends_with_the_server(start_server, jupyter_path):
+    server = start_server("--transport", "tcp", env={"JUPYTER_PATH": str(jupyter_path)})
+    session_id = new_id("prov")
+    server.client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": "py-local"})
+    server.client.call("POST", f"/sessions/{session_id}/start", timeout=60)
+    kernel_pid = get_session(server, session_id)["process_id"]
+    hosts = [p.pid for p in server.descendants() if "kcgevent.provisioning.host" in " ".join(p.cmdline())]
+    assert len(hosts) == 1, hosts
+    assert not server.stop()
+    assert pid_gone(kernel_pid) and pid_gone(hosts[0])
+    assert os.path.isdir(str(jupyter_path))
