@@ -168,7 +168,10 @@ def fill_new_session(body, kspec):
     if kspec is None or not isinstance(body, dict):
         return body
     filled = dict(body)
-    filled.setdefault("argv", complete_argv(kspec["argv"], kspec["resource_dir"]))
+    if kspec["provisioner"] is None:
+        filled.setdefault("argv", complete_argv(kspec["argv"], kspec["resource_dir"]))
+    else:  # a provisioner completes argv itself, maybe for another machine: `python` means that one's
+        filled.setdefault("argv", [arg.replace("{resource_dir}", kspec["resource_dir"]) for arg in kspec["argv"]])
     filled.setdefault("display_name", kspec["display_name"])
     filled.setdefault("language", kspec["language"])
     filled.setdefault("interrupt_mode", kspec["interrupt_mode"])

@@ -134,6 +134,9 @@ class KernelLauncher(abc.ABC):
         """ZeroMQ connection info the launcher chose itself (a provisioner may), else None."""
         return None
 
+    def shutdown_requested(self, restart=False):
+        """The session has just sent the kernel a shutdown_request (a provisioner may need to know)."""
+
     def startup_output(self):
         """What the kernel printed while starting, for a StartupError ("\\n"-joined lines)."""
         return ""

@@ -192,6 +192,23 @@ class ProvisionerLauncher(KernelLauncher):
     def interrupt(self):
         self.send_signal(signal.SIGINT)
 
+    def shutdown_requested(self, restart=False):
+        """The kernel was sent a shutdown_request: tell the provisioner.
+
+        A remote kernel also gets SIGTERM (through its launcher) first, as Enterprise Gateway does
+        (enterprise_gateway#707): measured with gateway_provisioners 0.5 and ipykernel 7.4, the
+        launcher process stays alive after the kernel answered the shutdown_request, while its
+        listener is gone so that poll() says it exited; jupyter_client's own KernelManager leaves
+        such a process behind at every restart and shutdown."""
+        if self._exited.is_set():
+            return
+        if self.provisioner not in LOCAL_PROVISIONERS:
+            self.send_signal(signal.SIGTERM)
+        try:
+            self.host.call("shutdown_requested", CALL_TIMEOUT, kernel_id=self.kernel_id, restart=restart)
+        except HostError as exc:
+            log.debug("kernel %s: shutdown_requested: %s", self.kernel_id, exc)
+
     def kill(self, timeout=KILL_WAIT):
         if not self._exited.is_set():
             try:

@@ -419,6 +419,7 @@ class KernelSession:
         if launcher is not None and launcher.poll() is None:
             if self.connection is not None:
                 self.connection.send("control", "shutdown_request", {"restart": True})
+            launcher.shutdown_requested(restart=True)
             if launcher.wait(self.supervisor.config.shutdown_timeout) is None:
                 launcher.kill()
                 launcher.wait(5)
@@ -433,6 +434,8 @@ class KernelSession:
                 self.connection.send("control", "shutdown_request", {"restart": False})
             except Exception:  # the socket may already be gone
                 log.debug("session %s: shutdown_request not sent", self.session_id, exc_info=True)
+            if self.launcher is not None and self.launcher.poll() is None:
+                self.launcher.shutdown_requested(restart=False)
             return True
         return False
 
