@@ -87,6 +87,14 @@ def test_local_provisioner_kernel_runs_restarts_and_dies(prov_server, open_chann
     _, frames = run_code(channel, "print('marker' in globals())")
     assert stream_text(frames) == "False\n"
 
+    # a kernel that ends by itself is noticed through the provisioner's poll(), with its exit code
+    channel.execute("import os; os._exit(7)")
+    wait_for(lambda: get_session(prov_server, session_id)["status"] == "exited", 15, "the exit to be noticed")
+    assert 7 in kernel_events(channel.until(lambda f: 7 in kernel_events([f], "exited"), timeout=10), "exited")
+    assert pid_gone(second_pid)
+    client.call("POST", f"/sessions/{session_id}/restart", timeout=60)  # the same provisioner, once more
+    second_pid = get_session(prov_server, session_id)["process_id"]
+
     # kill: the kernel is gone and the session says so
     client.call("POST", f"/sessions/{session_id}/kill")
     wait_for(lambda: pid_gone(second_pid), 15, "the killed kernel to exit")

@@ -173,7 +173,14 @@ def test_ssh_provisioner_round_trip(start_server, sshd, ssh_kernelspec, tmp_path
     wait_for(lambda: not remote_kernels(marker), 20, "the remote kernel to be gone")
     wait_for(lambda: get_session(server, session_id)["status"] == "exited", 15, "status exited")
     client.call("DELETE", f"/sessions/{session_id}")
+
+    # graceful shutdown ends a remote kernel too
+    session_id = new_id("ssh")
+    client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": "ssh_python"})
+    client.call("POST", f"/sessions/{session_id}/start", timeout=90)
+    assert remote_kernels(marker)
     assert not server.stop()
+    wait_for(lambda: not remote_kernels(marker), 20, "the remote kernel to end with the server")
 
 
 def test_sshd_listens_on_both_loopback_addresses(sshd):
