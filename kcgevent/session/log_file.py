@@ -141,6 +141,13 @@ class FileLog:
     def clear(self):
         self._forget(len(self))
 
+    def skip_to(self, seq):
+        """Forget everything and number the next frame `seq` (if later): after a recovery that lost
+        frames clients may have seen, their seqs are never given to other frames."""
+        self.clear()
+        if seq > self._first_seq:
+            self._first_seq = seq
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self):
