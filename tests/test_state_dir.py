@@ -362,3 +362,40 @@ def test_sigkill_of_the_server_ends_what_kernels_started(start_server, manager, 
     os.kill(server.pid if not state_dir else server.process.pid, signal.SIGKILL)
     server.process.wait(5)
     wait_gone(tree, timeout=15)
+
+
+def test_what_a_kernel_prints_while_no_server_runs_is_kept(manager):
+    server = manager("--restart-grace", "30").start()
+    session_id = new_id("fake")
+    pid = start(server, fake_kernel_session(session_id, interrupt_mode="signal"))
+    server.pids.update(tree_of(pid))
+    channel = open_ws(server, session_id, after=0)
+    request = channel.execute("sleep 1.5\nstdout printed-while-down\nstderr complained-while-down\nprint done")
+    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "status"
+                  and f["content"].get("execution_state") == "busy", timeout=10)
+    last_seq = max(f["seq"] for f in channel.frames)
+    server.sigkill()
+    channel.ws.close()
+    time.sleep(3)  # the kernel writes to its stdout and stderr with no server: no EPIPE, nothing lost
+    server.start()
+    assert sessions_of(server)[session_id]["process_id"] == pid
+    channel = open_ws(server, session_id, after=last_seq)
+    outputs = channel.until(lambda f: f.get("kind") == "kernel" and "output" in f
+                            and "complained-while-down" in f["output"][1], timeout=10)
+    printed = [f["output"] for f in outputs if f.get("kind") == "kernel" and "output" in f]
+    assert ["stdout", "printed-while-down\n"] in printed and ["stderr", "complained-while-down\n"] in printed
+    # The kernel is alive and answers; a restored kernel can be interrupted, killed and is seen to exit.
+    request = channel.execute("sleep 30")
+    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "status"
+                  and f["content"].get("execution_state") == "busy"
+                  and f["parent_header"]["msg_id"] == request["header"]["msg_id"], timeout=10)
+    server.client.call("POST", f"/sessions/{session_id}/interrupt")
+    reply = channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "execute_reply",
+                          timeout=10)[-1]
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    server.client.call("POST", f"/sessions/{session_id}/kill")
+    wait_for(lambda: sessions_of(server)[session_id]["status"] == "exited", 10, "the exit of a restored kernel")
+    channel.until(lambda f: f.get("kind") == "kernel" and "exited" in f, timeout=10)
+    wait_gone([pid])
+    channel.close()
+    assert server.stop() == 0
