@@ -21,7 +21,7 @@ import websocket  # noqa: E402
 from conftest import (HERE, PYTHON, Channel, fake_kernel_session, new_id, pid_gone, wait_for,  # noqa: E402
                       wait_gone)
 
-from kcgevent.client import Client, execute_request, python_kernel_session  # noqa: E402
+from kcgevent.client import Client, python_kernel_session  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the state dir needs POSIX locks")
 
@@ -162,8 +162,9 @@ def run_code(server, session_id, code):
 PRINTER = "import time\nfor i in range(1000):\n    print(i, flush=True)\n    time.sleep(0.01)\n"
 
 
-def test_sessions_survive_sigkill_and_end_after_the_grace_period(manager):
-    server = manager("--restart-grace", "4").start()
+@pytest.mark.parametrize("transport", ["socket", "tcp"])
+def test_sessions_survive_sigkill_and_end_after_the_grace_period(manager, transport):
+    server = manager("--restart-grace", "4", "--transport", transport).start()
     printer, idle, unstarted = new_id("print"), new_id("idle"), new_id("never")
     printer_pid = start(server, python_kernel_session(printer, PYTHON, working_directory=HERE))
     idle_pid = start(server, python_kernel_session(idle, PYTHON, working_directory=HERE))
@@ -287,12 +288,15 @@ def test_state_dir_files_are_private(manager):
 
 def test_a_second_server_on_the_same_state_dir_exits_at_once(manager, tmp_path):
     first = manager().start()
+    session_id = new_id("fake")
+    start(first, fake_kernel_session(session_id))
+    time.sleep(1)  # the kernel's guardian looks at the lock meanwhile: that must not release it
     second = subprocess.run([PYTHON, "-m", "kcgevent", "--state-dir", first.state_dir, "--transport", "tcp"],
                             capture_output=True, text=True, timeout=30)
     assert second.returncode != 0
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "is using the state dir" in lines[0], second.stderr
-    assert first.client.call("GET", "/status")["sessions"] == 0
+    assert first.client.call("GET", "/status")["sessions"] == 1
     assert first.stop() == 0
 
 
