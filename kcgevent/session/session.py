@@ -473,7 +473,8 @@ class KernelSession:
         client = channel.client
         cursor = channel.cursor
         if client is not None and not client.with_seq:
-            cursor = client.first_unacknowledged()
+            client.note_delivery()
+            cursor = client.delivered  # what its side acknowledged: it does not get that again
         return {"session_id": self.session_id, "spec": self.spec, "key": self.key, "status": self.status,
                 "status_reason": self.status_reason, "working_directory": self.working_directory,
                 "connection_info": self.connection_info_, "kernel_info": self.kernel_info,
