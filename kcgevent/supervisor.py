@@ -144,10 +144,14 @@ class Supervisor:
 
     def _run_checkpoint(self):
         """Save what moves without a status change (client cursors, output offsets) every second."""
+        saved = {}
         while not self.shutting_down:
             gevent.sleep(1.0)
             for session in list(self.sessions.values()):
-                self.session_changed(session)
+                mark = session.progress_mark()
+                if saved.get(session.session_id) != mark:
+                    saved[session.session_id] = mark
+                    self.session_changed(session)
 
     def restore(self):
         """Bring back every session saved in the state dir; returns {session_id: problem} for those
@@ -164,13 +168,14 @@ class Supervisor:
             session = KernelSession(spec, self, log=log_store)
             self.sessions[saved.session_id] = session
             if saved.record is None:
-                self._end_unknown_kernel(saved)
                 session.status, session.status_reason = "exited", f"not restored: {saved.problem}"
                 problems[saved.session_id] = saved.problem
             else:
                 problem = session.restore(saved.record)
                 if problem:
                     problems[saved.session_id] = problem
+            if not session.running:
+                self._end_unknown_kernel(saved)  # e.g. one the dead server was still starting
             self.session_changed(session)
         for session_id, problem in problems.items():
             log.warning("State dir: session %s: %s", session_id, problem)

@@ -164,7 +164,7 @@ PRINTER = "import time\nfor i in range(1000):\n    print(i, flush=True)\n    tim
 
 @pytest.mark.parametrize("transport", ["socket", "tcp"])
 def test_sessions_survive_sigkill_and_end_after_the_grace_period(manager, transport):
-    server = manager("--restart-grace", "4", "--transport", transport).start()
+    server = manager("--restart-grace", "8", "--transport", transport).start()
     printer, idle, unstarted = new_id("print"), new_id("idle"), new_id("never")
     printer_pid = start(server, python_kernel_session(printer, PYTHON, working_directory=HERE))
     idle_pid = start(server, python_kernel_session(idle, PYTHON, working_directory=HERE))
@@ -221,7 +221,7 @@ def test_sessions_survive_sigkill_and_end_after_the_grace_period(manager, transp
 
     # Killed again and not restarted: after the grace period nothing of the kernels is left.
     server.sigkill()
-    wait_gone(sorted(manager_pids), timeout=4 + 2 + 20)
+    wait_gone(sorted(manager_pids), timeout=8 + 2 + 20)
 
 
 def test_a_client_reconnecting_with_backoff_gets_back_in(manager):

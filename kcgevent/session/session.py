@@ -483,6 +483,15 @@ class KernelSession:
                 "launcher": self.launcher.to_state() if self.launcher is not None else None,
                 "cursor": cursor, "log_first_seq": channel.log.first_seq, "log_next_seq": channel.log.next_seq}
 
+    def progress_mark(self):
+        """What changes without a status change (output delivered, clients' positions): the state dir's
+        checkpoint saves the record when this differs from last time."""
+        log_ = self.channel.log
+        client = self.channel.client
+        offsets = self.launcher.to_state().get("offsets") if self.launcher is not None else None
+        return (log_.first_seq, log_.next_seq, self.channel.cursor, getattr(client, "delivered", None),
+                repr(offsets))
+
     def restore(self, record):
         """Take up where a server that died left this session (`record` from to_record()).
 
