@@ -4,6 +4,7 @@ With no subcommand the arguments are kcserver's (so existing launchers work
 unchanged); `run` and `sessions` are client commands for people and scripts.
 """
 import logging
+import os
 import sys
 
 import argh
@@ -58,10 +59,15 @@ def setup_logging(level_name, log_file):
 @argh.arg("--heartbeat-interval", type=float, help="seconds between kernel heartbeats")
 @argh.arg("--heartbeat-timeout", type=float, help="seconds without a heartbeat reply before a kernel is offline")
 @argh.arg("--idle-shutdown-seconds", type=float, help="like --idle-shutdown-hours, in seconds (for tests)")
+@argh.arg("--state-dir", help="keep sessions here so that kernels survive a crash of the server and a server "
+          "started again on it serves them (also KCGEVENT_STATE_DIR)")
+@argh.arg("--restart-grace", type=float, help="with --state-dir: seconds kernels wait for a server to come back "
+          "before they end (default 60)")
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
           socket_dir=None, unix_socket=None, buffer_limit=100_000, buffer_bytes=64 << 20, shutdown_timeout=5.0,
-          ping_interval=10.0, heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, version=False):
+          ping_interval=10.0, heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None,
+          state_dir=None, restart_grace=60.0, version=False):
     """Run the kernel supervisor server."""
     if version:
         print(f"kcgevent {VERSION}")
@@ -71,7 +77,9 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
                           log_level=log_level, buffer_limit=buffer_limit, buffer_bytes=buffer_bytes,
                           shutdown_timeout=shutdown_timeout,
                           socket_dir=socket_dir, ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
-                          heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds)
+                          heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds,
+                          state_dir=state_dir or os.environ.get("KCGEVENT_STATE_DIR") or None,
+                          restart_grace=max(0.0, restart_grace))
     try:
         server = Server(transport=transport, port=port, token=token, unix_socket=unix_socket,
                         socket_dir=socket_dir, connection_file=connection_file,

@@ -21,3 +21,5 @@ class ServerConfig:
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 5.0
     idle_shutdown_seconds: float | None = None  # overrides the hours (tests, embedding)
+    state_dir: str | None = None  # where sessions survive the server (None: they end with it)
+    restart_grace: float = 60.0  # seconds kernels wait for a server to come back to the state dir

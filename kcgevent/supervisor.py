@@ -5,6 +5,7 @@ and it owns what outlives any single session: the ZeroMQ context, the private
 directory for kernel connection files, the resource sampler, idle shutdown
 and graceful shutdown.
 """
+import json
 import logging
 import os
 import shutil
@@ -56,6 +57,9 @@ class Supervisor:
         self.shutting_down = False
         self._sampler = None
         self._idle_watch = None
+        self._checkpoint = None
+        self._dirty = set()  # sessions whose record must be saved (at the end of this hub turn)
+        self._save_scheduled = False
 
     # -- registry -------------------------------------------------------------
 
@@ -73,8 +77,13 @@ class Supervisor:
             self._check_kernel_path(argv[0], spec)
         if session_id in self.sessions:
             raise KsError("SessionExists", f"Session {session_id} already exists")
-        session = KernelSession(spec, self)
+        log_store = None
+        if self.state is not None:
+            self.state.add_session(session_id)
+            log_store = self.state.open_log(session_id, self.config.buffer_limit, self.config.buffer_bytes)
+        session = KernelSession(spec, self, log=log_store)
         self.sessions[session_id] = session
+        self.session_changed(session)
         return session
 
     def _check_kernel_path(self, program, spec):
@@ -99,6 +108,10 @@ class Supervisor:
         self.remove_kernel_files(session_id)
         self.kernel_files.remove_launcher_dir(session_id)
         del self.sessions[session_id]
+        self._dirty.discard(session)
+        if self.state is not None:
+            session.channel.log.destroy()
+            self.state.remove_session(session_id)
 
     # -- kernel files ---------------------------------------------------------
 
@@ -108,6 +121,81 @@ class Supervisor:
 
     def remove_kernel_files(self, session_id):
         self.kernel_files.remove(session_id)
+
+    # -- the state dir -------------------------------------------------------
+
+    def session_changed(self, session):
+        """`session`'s record must be saved (once per hub turn, however many changes)."""
+        if self.state is None or self.shutting_down:
+            return
+        self._dirty.add(session)
+        if not self._save_scheduled:
+            self._save_scheduled = True
+            gevent.get_hub().loop.run_callback(self._save_dirty)
+
+    def _save_dirty(self):
+        self._save_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for session in dirty:
+            if self.sessions.get(session.session_id) is session and not self.shutting_down:
+                try:
+                    self.state.save_session(session.session_id, session.to_record())
+                except OSError as exc:
+                    log.error("State dir: cannot save session %s: %s", session.session_id, exc)
+
+    def _run_checkpoint(self):
+        """Save what moves without a status change (client cursors, output offsets) every second."""
+        saved = {}
+        while not self.shutting_down:
+            gevent.sleep(1.0)
+            for session in list(self.sessions.values()):
+                mark = session.progress_mark()
+                if saved.get(session.session_id) != mark:
+                    saved[session.session_id] = mark
+                    self.session_changed(session)
+
+    def restore(self):
+        """Bring back every session saved in the state dir; returns {session_id: problem} for those
+        that could not be restored whole (they are listed anyway, mostly `exited`)."""
+        problems = {}
+        for saved in self.state.load_sessions():
+            spec = (saved.record or {}).get("spec") or {"session_id": saved.session_id}
+            spec = {**spec, "session_id": saved.session_id}
+            try:
+                log_store = self.state.open_log(saved.session_id, self.config.buffer_limit, self.config.buffer_bytes)
+            except OSError as exc:
+                log_store = None
+                problems[saved.session_id] = f"its output log is unusable ({exc})"
+            session = KernelSession(spec, self, log=log_store)
+            self.sessions[saved.session_id] = session
+            if saved.record is None:
+                session.status, session.status_reason = "exited", f"not restored: {saved.problem}"
+                problems[saved.session_id] = saved.problem
+            else:
+                problem = session.restore(saved.record)
+                if problem:
+                    problems[saved.session_id] = problem
+            if not session.running:
+                self._end_unknown_kernel(saved)  # e.g. one the dead server was still starting
+            self.session_changed(session)
+        for session_id, problem in problems.items():
+            log.warning("State dir: session %s: %s", session_id, problem)
+        log.info("Restored %d session(s) from %s", len(self.sessions), self.state.path)
+        return problems
+
+    def _end_unknown_kernel(self, saved):
+        """A session whose record is lost may still have a kernel: end it (its guardian says where)."""
+        try:
+            with open(os.path.join(self.state.launcher_dir(saved.session_id), "status.json")) as f:
+                pid = json.load(f).get("guardian_pid")
+            proc = psutil.Process(pid)
+            if any(self.state.launcher_dir(saved.session_id) in part for part in proc.cmdline()):
+                victims = proc.children(recursive=True) + [proc]
+                for victim in victims:
+                    victim.kill()
+                psutil.wait_procs(victims, timeout=5)
+        except (OSError, ValueError, TypeError, AttributeError, psutil.Error):
+            pass
 
     # -- status -----------------------------------------------------------------
 
@@ -208,6 +296,8 @@ class Supervisor:
         """Resource sampling and the idle-shutdown watch (call once the server runs)."""
         self._sampler = gevent.spawn(self._run_sampler)
         self._idle_watch = gevent.spawn(self._run_idle_watch)
+        if self.state is not None:
+            self._checkpoint = gevent.spawn(self._run_checkpoint)
 
     def _run_sampler(self):
         sampler = ResourceSampler()
@@ -273,12 +363,17 @@ class Supervisor:
             session.terminate()
         if self.channel_endpoints is not None:
             self.channel_endpoints.close_all()
-        for greenlet in (self._sampler, self._idle_watch):
+        for greenlet in (self._sampler, self._idle_watch, self._checkpoint):
             if greenlet is not None:
                 greenlet.kill(block=False)
         close = getattr(self.launchers, "close", None)
         if close is not None:
             close()
         self.kernel_files.remove_all()
+        if self.state is not None:
+            for session in sessions:
+                if session.channel.log is not None and hasattr(session.channel.log, "destroy"):
+                    session.channel.log.destroy()
+            self.state.clear_sessions()
         for callback in self.on_shutdown:
             callback()

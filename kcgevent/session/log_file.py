@@ -18,7 +18,7 @@ continue its predecessor's seqs (everything before it is dropped).
 import os
 import struct
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 
 import gevent
 
@@ -95,22 +95,20 @@ class FileLog:
         index = bisect_right(self._segment_starts, seq) - 1
         first, _, fd, _, base = self._segments[index]
         seg_end_seq = self._segment_starts[index + 1] if index + 1 < len(self._segments) else self.next_seq
-        last = min(seg_end_seq, seq + max_frames)
-        # Frame i's record starts at (payload bytes before it in the segment) + 4 per earlier frame.
-        offset = self._cum_before(seq) - base + 4 * (seq - first)
-        sizes, total = [], 0
-        for s in range(seq, last):
-            size = self._cum_before(s + 1) - self._cum_before(s)
-            sizes.append(size)
-            total += 4 + size
-            if total - 4 * len(sizes) >= max_bytes:
-                break
-        data = os.pread(fd, total, offset)
-        out, pos = [], 0
-        for i, size in enumerate(sizes):
-            pos += 4
-            out.append((seq + i, data[pos:pos + size]))
-            pos += size
+        i0 = self._head + seq - self._first_seq
+        ends = self._ends[i0:i0 + min(seg_end_seq - seq, max_frames)]
+        prev = self._ends[i0 - 1] if i0 > 0 else self._base
+        count = min(len(ends), bisect_left(ends, prev + max_bytes) + 1)  # the frame reaching max_bytes too
+        # A record is 4 bytes of length, then the frame: frame i starts 4 * (its index) bytes further
+        # into the segment than the payload bytes before it.
+        data = os.pread(fd, ends[count - 1] - prev + 4 * count, prev - base + 4 * (seq - first))
+        out, pos = [], 4
+        for k in range(count):
+            end = ends[k]
+            size = end - prev
+            out.append((seq + k, data[pos:pos + size]))
+            pos += size + 4
+            prev = end
         return out
 
     def trim(self, keep_from):
@@ -140,6 +138,13 @@ class FileLog:
 
     def clear(self):
         self._forget(len(self))
+
+    def skip_to(self, seq):
+        """Forget everything and number the next frame `seq` (if later): after a recovery that lost
+        frames clients may have seen, their seqs are never given to other frames."""
+        self.clear()
+        if seq > self._first_seq:
+            self._first_seq = seq
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ import socket
 import time
 from datetime import datetime, timezone
 
+import gevent
+
 from ..errors import KsError, StartupError
 from . import process as proc_mod
 from . import wire
@@ -48,7 +50,7 @@ def rfc3339(ts):
 class KernelSession:
     """A session as created by `PUT /sessions`, and the kernel it runs."""
 
-    def __init__(self, spec, supervisor):
+    def __init__(self, spec, supervisor, log=None):
         self.spec = spec
         self.session_id = spec["session_id"]
         self.supervisor = supervisor
@@ -70,7 +72,8 @@ class KernelSession:
         self.launcher = None  # the KernelLauncher of the current (or last) kernel instance
         self.connection = None
         self.resource_usage = None
-        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval, config.buffer_bytes)
+        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval, config.buffer_bytes,
+                               log=log)
         self.channel.on_connect_change = self._on_connect_change
         self.queue = ExecutionQueue()
         self.socket_path = None
@@ -93,6 +96,7 @@ class KernelSession:
             self.queue.clear()
         self.channel.event("status", {"status": status, "reason": reason})
         self.supervisor.on_session_status(self, status)
+        self.supervisor.session_changed(self)
 
     @property
     def running(self):
@@ -253,6 +257,7 @@ class KernelSession:
         config = self.supervisor.config
         conn.start_heartbeat(self._on_heartbeat, config.heartbeat_interval, config.heartbeat_timeout)
         self.set_status("idle", "kernel_info_reply")
+        self.supervisor.session_changed(self)
         self._flush_held()
         return self.kernel_info
 
@@ -355,6 +360,7 @@ class KernelSession:
         if cwd != self._known_cwd:
             self._known_cwd = self.working_directory = cwd
             self.channel.event("workingDirChanged", cwd)
+            self.supervisor.session_changed(self)
 
     # -- verbs ----------------------------------------------------------------------
 
@@ -478,6 +484,117 @@ class KernelSession:
     def record_resource_usage(self, sample):
         self.resource_usage = sample
         self.channel.event("resourceUsage", sample)
+
+    # -- surviving the supervisor (state dir) -----------------------------------------------------
+
+    def to_record(self):
+        """What a restarted server needs to serve this session again (JSON-able)."""
+        channel = self.channel
+        client = channel.client
+        cursor = channel.cursor
+        if client is not None and not client.with_seq:
+            client.note_delivery()
+            cursor = client.delivered  # what its side acknowledged: it does not get that again
+        return {"session_id": self.session_id, "spec": self.spec, "key": self.key, "status": self.status,
+                "status_reason": self.status_reason, "working_directory": self.working_directory,
+                "connection_info": self.connection_info_, "kernel_info": self.kernel_info,
+                "created": self.created, "initial_env": self.initial_env, "env_actions": self.env_actions,
+                "input_prompt": self.input_prompt, "continuation_prompt": self.continuation_prompt,
+                "launcher": self.launcher.to_state() if self.launcher is not None else None,
+                "cursor": cursor, "log_first_seq": channel.log.first_seq, "log_next_seq": channel.log.next_seq}
+
+    def progress_mark(self):
+        """What changes without a status change (output delivered, clients' positions): the state dir's
+        checkpoint saves the record when this differs from last time."""
+        log_ = self.channel.log
+        client = self.channel.client
+        offsets = self.launcher.to_state().get("offsets") if self.launcher is not None else None
+        return (log_.first_seq, log_.next_seq, self.channel.cursor, getattr(client, "delivered", None),
+                repr(offsets))
+
+    def restore(self, record):
+        """Take up where a server that died left this session (`record` from to_record()).
+
+        A kernel that still runs is reached again through its launcher and ZeroMQ; one that died
+        meanwhile leaves the session `exited`. Returns a problem to report, or None.
+        """
+        self.key = record.get("key") or self.key
+        self.env_actions = list(record.get("env_actions") or [])
+        self.working_directory = record.get("working_directory", self.working_directory)
+        self.input_prompt = record.get("input_prompt", self.input_prompt)
+        self.continuation_prompt = record.get("continuation_prompt", self.continuation_prompt)
+        self.created = record.get("created", self.created)
+        self.kernel_info = record.get("kernel_info") or {}
+        self.initial_env = record.get("initial_env") or {}
+        self.connection_info_ = record.get("connection_info")
+        log_ = self.channel.log
+        problem = "; ".join(getattr(log_, "damage", []) or []) or None
+        if log_.next_seq < record.get("log_next_seq", 0):
+            log_.skip_to(record["log_next_seq"])  # frames clients may have seen were lost: never reuse seqs
+        log_.forget_before(record.get("log_first_seq", 1))
+        self.channel.cursor = max(log_.first_seq, min(int(record.get("cursor") or 1), log_.next_seq))
+        status = record.get("status", "exited")
+        self.status, self.status_reason = status, record.get("status_reason")
+        if status not in RUNNING:
+            return problem
+        self.channel.event("outputGap", {"reason": "The supervisor restarted: what the kernel published while "
+                                         "no supervisor was listening is lost"})
+        launcher_state = record.get("launcher")
+        if launcher_state is not None:
+            token = self._exit_token = object()
+            try:
+                self.launcher = self.supervisor.launchers.restore(
+                    launcher_state, self._on_output, lambda code: self._on_exit(token, code))
+            except (ValueError, KeyError, TypeError) as exc:
+                self.set_status("exited", f"the kernel cannot be found again: {exc}")
+                return f"the kernel cannot be found again ({exc})"
+            code = self.launcher.poll()
+            if code is not None:
+                self.set_status("exited", "the kernel exited while no supervisor ran")
+                self.channel.event("exited", code)
+                self.supervisor.remove_kernel_files(self.session_id)
+                return problem
+        if status == "starting" or not self.connection_info_:
+            if self.launcher is not None:
+                self.launcher.kill()
+            self.set_status("exited", "the supervisor died while the kernel was starting")
+            return problem
+        self._reconnect()
+        return problem
+
+    def _reconnect(self):
+        """Connect ZeroMQ to the running kernel again; relay at once, learn its state in the background."""
+        conn = KernelConnection(self.supervisor.zmq_context, self.connection_info_, self.session_id,
+                                self.spec.get("username", ""), self.protocol_version)
+        conn.connect()
+        self.connection = conn
+        now = time.monotonic()
+        self.idle_since = now if self.status in ("idle", "ready") else None
+        self.busy_since = now if self.status == "busy" else None
+        gevent.spawn(self._resume_relay, conn)
+
+    def _resume_relay(self, conn):
+        timeout = float(self.spec.get("connection_timeout") or 30)
+        launcher = self.launcher
+
+        def exited():
+            return "the kernel exited" if launcher is not None and launcher.poll() is not None else None
+
+        reply = None
+        try:
+            reply = conn.kernel_info(timeout, exited, self._on_kernel_message)
+        except KernelConnectError as exc:
+            log.warning("session %s: no kernel_info from the kernel after the restart (%s); relaying anyway",
+                        self.session_id, exc)
+        if conn is not self.connection:
+            return  # exited or replaced meanwhile
+        if reply:
+            self.kernel_info = reply
+            if self.status in ("busy", "offline"):
+                self.set_status("idle", "kernel_info_reply after a supervisor restart")
+        conn.start_pump(self._on_kernel_message)
+        config = self.supervisor.config
+        conn.start_heartbeat(self._on_heartbeat, config.heartbeat_interval, config.heartbeat_timeout)
 
     # -- views ------------------------------------------------------------------------
 

@@ -1,0 +1,157 @@
+"""The launcher seam on its own: LocalLauncher and its guardian, driven in-process (no server)."""
+from gevent import monkey
+
+monkey.patch_all()
+
+import fcntl  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import gevent  # noqa: E402
+import pytest  # noqa: E402
+from conftest import PYTHON, pid_gone, wait_for, wait_gone  # noqa: E402
+
+from kcgevent.session.launcher import LaunchError, LaunchRequest, LocalLauncher, restore_launcher  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the guardian is POSIX-only")
+
+# Prints its pid and a grandchild's (which leaves its process group), says when interrupted, exits 3 on "q".
+KERNEL = """
+import signal, subprocess, sys, time
+child = subprocess.Popen(["sleep", "600"], start_new_session=True)
+def interrupted(*_):
+    print("interrupted", flush=True)
+signal.signal(signal.SIGINT, interrupted)
+print("child", child.pid, flush=True)
+print("to stderr", file=sys.stderr, flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+class Recorder:
+    def __init__(self):
+        self.lines = []
+        self.exits = []
+
+    def output(self, stream, line):
+        self.lines.append((stream, line))
+
+    def exit(self, code):
+        self.exits.append(code)
+
+    def child(self):
+        found = [int(line.split()[1]) for _, line in self.lines if line.startswith("child ")]
+        return found[0] if found else None
+
+
+def launch(tmp_path, code=KERNEL, **options):
+    rec = Recorder()
+    launcher = LocalLauncher(rec.output, rec.exit, str(tmp_path / "kernel"), **options)
+    launcher.start(LaunchRequest([PYTHON, "-c", code], dict(os.environ), "", str(tmp_path / "conn.json")))
+    return launcher, rec
+
+
+def gwait(predicate, timeout, what):
+    """wait_for, yielding to the hub (the launcher's greenlets must run)."""
+    return wait_for(predicate, timeout, what, interval=0.02)
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_start_output_interrupt_and_kill_of_the_whole_tree(tmp_path, durable):
+    launcher, rec = launch(tmp_path, durable=durable)
+    child = gwait(rec.child, 15, "the kernel's first line")
+    assert launcher.poll() is None and not pid_gone(launcher.pid)
+    gwait(lambda: ("stderr", "to stderr\n") in rec.lines, 10, "stderr")
+    launcher.interrupt()
+    gwait(lambda: ("stdout", "interrupted\n") in rec.lines, 10, "the interrupt")
+    kernel = launcher.pid
+    assert launcher.kill() is True
+    assert launcher.poll() == -1 and rec.exits == [-1]
+    wait_gone([kernel, child])
+    assert launcher.pid is None
+    if durable:
+        assert os.path.exists(tmp_path / "kernel" / "stdout")
+    launcher.cleanup()
+    assert not os.path.exists(tmp_path / "kernel" / "status.json")
+
+
+def test_exit_code_comes_after_all_output(tmp_path):
+    launcher, rec = launch(tmp_path, "import sys\nfor i in range(3): print(i)\nsys.exit(3)", durable=True)
+    assert launcher.wait(15) == 3
+    assert [line for _, line in rec.lines] == ["0\n", "1\n", "2\n"] and rec.exits == [3]
+
+
+def test_a_kernel_that_cannot_be_executed_is_a_launch_error(tmp_path):
+    rec = Recorder()
+    launcher = LocalLauncher(rec.output, rec.exit, str(tmp_path / "kernel"))
+    script = tmp_path / "not-executable"
+    script.write_text("#!/bin/sh\n")
+    with pytest.raises(LaunchError) as err:
+        launcher.start(LaunchRequest([str(script)], dict(os.environ), "", ""))
+    assert err.value.errno == 13 and "Permission denied (os error 13)" in err.value.message
+    gevent.sleep(0.5)
+    assert rec.exits == []
+
+
+def test_a_restored_launcher_reaches_the_same_kernel(tmp_path):
+    lock = tmp_path / "lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.lockf(fd, fcntl.LOCK_EX)  # we play the server holding the state dir
+    try:
+        first, rec = launch(tmp_path, durable=True, lock=str(lock), grace=30)
+        child = gwait(rec.child, 15, "the kernel's first line")
+        state = first.to_state()
+        again = Recorder()
+        restored = restore_launcher(state, again.output, again.exit, lock=str(lock), grace=30)
+        assert restored.pid == first.pid and restored.poll() is None
+        restored.interrupt()
+        gwait(lambda: ("stdout", "interrupted\n") in again.lines, 10, "output through the restored launcher")
+        assert ("stdout", f"child {child}\n") not in again.lines  # it resumed at the saved offsets
+        kernel = restored.pid
+        assert restored.kill() is True and again.exits == [-1]
+        wait_gone([kernel, child])
+        first.wait(10)
+    finally:
+        os.close(fd)
+
+
+def test_without_a_server_the_guardian_ends_the_tree_after_the_grace(tmp_path):
+    lock = tmp_path / "lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    launcher, rec = launch(tmp_path, durable=True, lock=str(lock), grace=1)
+    child = gwait(rec.child, 15, "the kernel's first line")
+    kernel = launcher.pid
+    gevent.sleep(2)  # longer than the grace, but a server (we) holds the lock
+    assert launcher.poll() is None
+    os.close(fd)  # the server is gone
+    started = time.monotonic()
+    assert launcher.wait(15) is not None
+    assert time.monotonic() - started >= 0.8
+    wait_gone([kernel, child])
+
+
+def test_the_guardian_ends_the_tree_when_its_parent_dies(tmp_path):
+    """Without a state dir the guardian's parent is the server: the sleep 600 goes with it."""
+    code = ("import os, signal, sys, time\n"
+            f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+            "from gevent import monkey; monkey.patch_all()\n"
+            "from kcgevent.session.launcher import LaunchRequest, LocalLauncher\n"
+            "launcher = LocalLauncher(lambda s, l: print(l, end='', flush=True), print, sys.argv[1])\n"
+            "launcher.start(LaunchRequest([sys.executable, '-c', sys.argv[2]], dict(os.environ), '', ''))\n"
+            "time.sleep(600)\n")
+    import subprocess
+    server = subprocess.Popen([PYTHON, "-c", code, str(tmp_path / "kernel"), KERNEL], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        lines = [server.stdout.readline() for _ in range(2)]
+        (child,) = [int(line.split()[1]) for line in lines if line.startswith("child ")]
+        server.send_signal(signal.SIGKILL)
+        server.wait(5)
+        wait_gone([child], timeout=10)
+    finally:
+        server.kill()
+        server.wait(5)
+        server.stdout.close()
