@@ -17,6 +17,7 @@ import time
 import psutil
 import pytest
 from conftest import get_session, new_id, pid_gone, replies_to, stream_text, wait_for
+from test_state_dir import manager, run_code  # noqa: F401 (a fixture)
 
 from kcgevent.session.session import free_ports
 
@@ -186,3 +187,32 @@ def test_ssh_provisioner_round_trip(start_server, sshd, ssh_kernelspec, tmp_path
 def test_sshd_listens_on_both_loopback_addresses(sshd):
     port, _ = sshd
     assert _port_open("127.0.0.1", port) and _port_open(REMOTE_HOST, port)
+
+
+def test_a_remote_kernel_survives_a_supervisor_restart(manager, sshd, ssh_kernelspec, tmp_path, monkeypatch):  # noqa: F811
+    """With a state dir, the provisioner info is what finds the remote kernel again: SIGKILL the server,
+    start it again, and the same kernel (same memory) answers; a clean stop then ends it."""
+    port, home = sshd
+    jupyter_path, marker = ssh_kernelspec
+    for name, value in {"JUPYTER_PATH": str(jupyter_path), "HOME": str(home), "GP_SSH_PORT": str(port),
+                        "GP_REMOTE_USER": psutil.Process().username(), "GP_RESPONSE_IP": "127.0.0.1",
+                        "GP_RESPONSE_PORT": str(free_ports(1)[0]), "GP_KERNEL_LOG_DIR": str(tmp_path),
+                        "GP_UNAUTHORIZED_USERS": "nobody"}.items():
+        monkeypatch.setenv(name, value)  # the managed server inherits our environment
+    server = manager("--restart-grace", "30", "--transport", "tcp").start()
+    session_id = new_id("ssh")
+    server.client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": "ssh_python"})
+    server.client.call("POST", f"/sessions/{session_id}/start", timeout=90)
+    assert run_code(server, session_id, "x = 42; print('set')").strip() == "set"
+    kernels = {p.pid for p in remote_kernels(marker)}
+    assert kernels
+
+    server.sigkill()
+    server.start()
+    assert {p.pid for p in remote_kernels(marker)} == kernels  # nothing was restarted
+    wait_for(lambda: server.client.call("GET", f"/sessions/{session_id}")["status"] == "idle", 30,
+             "the restored session to be idle")
+    assert run_code(server, session_id, "print(x)").strip() == "42"
+
+    assert server.stop() == 0
+    wait_for(lambda: not remote_kernels(marker), 20, "the remote kernel to end with the clean stop")

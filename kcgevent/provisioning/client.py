@@ -47,9 +47,10 @@ class HostGone(HostError):
 class ProvisionerHost:
     """A running host process and the calls waiting for its answers."""
 
-    def __init__(self, env=None, keep_kernels=False):
+    def __init__(self, env=None, lock=None, grace=0.0):
         self._env = env
-        self.keep_kernels = keep_kernels
+        self.lock = lock  # with a state dir: kernels outlive us for `grace` s, for a server that comes back
+        self.grace = grace
         self._process = None
         self._pending = {}
         self._ids = itertools.count(1)
@@ -75,8 +76,8 @@ class ProvisionerHost:
         for name in ("PYTEST_CURRENT_TEST", "PYTEST_RUN_CONFIG"):  # provisioners behave differently under them
             env.pop(name, None)
         argv = [sys.executable, "-m", "kcgevent.provisioning.host"]
-        if self.keep_kernels:
-            argv.append("--keep-kernels")
+        if self.lock:
+            argv += ["--lock", self.lock, "--grace", str(self.grace)]
         self._process = subprocess.Popen(argv,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                          env=env, start_new_session=True)

@@ -12,12 +12,15 @@ Protocol: one JSON object per line. Requests on stdin: ``{"id", "op", ...argumen
 the *original* stdout: ``{"id", "ok": result}`` or ``{"id", "error": {"type", "message"}}``. File
 descriptor 1 is pointed at stderr as soon as we start, so nothing a library or a locally launched
 kernel prints can corrupt the protocol. Requests run concurrently; each kernel's are serialized.
-On end of input (the server is gone, normally or not) the host kills and cleans up the kernels it
-still knows, unless started with ``--keep-kernels`` (a server with a state dir: a restarted server
-finds them again from their provisioner info); either way it then exits.
+On end of input (the server is gone, normally or not) the host ends the kernels it still knows
+and exits. With ``--lock FILE --grace S`` (a server with a state dir) it does what the kernel
+guardian does instead: while nobody holds the state dir's lock, a countdown of S seconds runs; a
+server that takes the lock again (and finds the kernels from their saved provisioner info, in a
+host of its own) makes this host exit leaving them alone; at the end of the countdown they are ended.
 
-    python -m kcgevent.provisioning.host [--keep-kernels]
+    python -m kcgevent.provisioning.host [--lock FILE --grace S]
 """
+import argparse
 import asyncio
 import json
 import logging
@@ -184,9 +187,12 @@ class Host:
             kernel.remove_connection_file()
             self.kernels.pop(kernel.kernel_id, None)
 
-    async def end_all(self):
+    async def end_all(self, only_local=False):
         """The server is gone without ending these kernels: end them (no orphans)."""
+        from jupyter_client.provisioning import LocalProvisioner
         for kernel in list(self.kernels.values()):
+            if only_local and not isinstance(kernel.provisioner, LocalProvisioner):
+                continue
             try:
                 if await kernel.provisioner.poll() is None:
                     await kernel.provisioner.kill()
@@ -194,7 +200,7 @@ class Host:
             except Exception:
                 log.exception("kernel %s could not be ended", kernel.kernel_id)
             kernel.remove_connection_file()
-        self.kernels.clear()
+            self.kernels.pop(kernel.kernel_id, None)
 
     async def op_forget(self, request):
         """Drop a kernel without touching it (the server keeps it for a later supervisor)."""
@@ -202,6 +208,10 @@ class Host:
 
 
 def main():
+    parser = argparse.ArgumentParser(description="Run jupyter_client kernel provisioners for a kcgevent server.")
+    parser.add_argument("--lock", help="the state dir's lock file (kernels wait for a server to hold it again)")
+    parser.add_argument("--grace", type=float, default=0.0, help="seconds to wait for that")
+    options = parser.parse_args()
     protocol_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # from now on, whatever prints (libraries, local kernels) goes to stderr
     sys.stdout = sys.stderr
@@ -219,10 +229,29 @@ def main():
         await host.serve(reader)
         if host.tasks:
             await asyncio.wait(list(host.tasks), timeout=30)
-        if "--keep-kernels" not in sys.argv[1:]:
-            await host.end_all()
+        if await server_came_back(options.lock, options.grace):
+            # jupyter_client's LocalProvisioner cannot poll a process it did not start, so another
+            # host could never find these again: end them rather than leave orphans
+            await host.end_all(only_local=True)
+            log.info("a server holds the state dir again: leaving %d kernel(s) to it", len(host.kernels))
+            return
+        await host.end_all()
 
     asyncio.run(run())
+
+
+async def server_came_back(lock, grace):
+    """After our server went away: True if one holds `lock` again within `grace` seconds."""
+    if not lock:
+        return False
+    from kcgevent.session.guardian import lock_held
+    deadline = asyncio.get_running_loop().time() + grace
+    while True:
+        if lock_held(lock):
+            return True
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -514,7 +514,6 @@ class LauncherFactory:
         self.grace = grace
         self.durable = durable
         self._provisioner_host = None
-        self._kernel_ids = {}  # session id -> the kernel id its provisioner knows it by (kept across restarts)
 
     def new(self, session, on_output, on_exit):
         """A fresh, unstarted launcher for `session`'s next kernel: a ProvisionerLauncher when the
@@ -522,7 +521,8 @@ class LauncherFactory:
         kernelspec = session.spec.get("kernelspec") or {}
         if kernelspec.get("provisioner") is not None:
             from .provisioner import ProvisionerLauncher, new_kernel_id
-            kernel_id = self._kernel_ids.setdefault(session.session_id, new_kernel_id())
+            # a restart keeps the kernel id, hence the provisioner instance, of the kernel before
+            kernel_id = getattr(session.launcher, "kernel_id", None) or new_kernel_id()
             return ProvisionerLauncher(on_output, on_exit, self.provisioner_host, kernel_id, kernelspec)
         return LocalLauncher(on_output, on_exit, self.workdir_for(session.session_id), lock=self.lock,
                              grace=self.grace, durable=self.durable)
@@ -535,16 +535,12 @@ class LauncherFactory:
             return launcher
         return restore_launcher(state, on_output, on_exit, lock=self.lock, grace=self.grace)
 
-    def remember_kernel_id(self, session_id, kernel_id):
-        """A restored provisioned session keeps its kernel id for later restarts."""
-        self._kernel_ids[session_id] = kernel_id
-
     @property
     def provisioner_host(self):
         """The provisioner host process (kcgevent/provisioning), started on first use."""
         if self._provisioner_host is None:
             from ..provisioning.client import ProvisionerHost
-            self._provisioner_host = ProvisionerHost(keep_kernels=self.durable)
+            self._provisioner_host = ProvisionerHost(lock=self.lock, grace=self.grace)
         return self._provisioner_host
 
     def close(self):
