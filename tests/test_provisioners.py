@@ -70,9 +70,9 @@ def test_local_provisioner_kernel_runs_restarts_and_dies(prov_server, open_chann
     wait_for(lambda: get_session(prov_server, session_id).get("resource_usage"), 15, "resource usage")
 
     # interrupt (signal mode, through the provisioner's send_signal)
-    request = channel.execute("import time; time.sleep(30)")
-    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "status"
-                  and f["content"].get("execution_state") == "busy", timeout=15)
+    request = channel.execute("import time; print('sleeping', flush=True); time.sleep(30)")
+    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "stream"
+                  and (f.get("parent_header") or {}).get("msg_id") == request["header"]["msg_id"], timeout=15)
     client.call("POST", f"/sessions/{session_id}/interrupt")
     frames = channel.until_idle(request, timeout=20)
     errors = [f for f in replies_to(frames, request) if f["header"]["msg_type"] == "error"]

@@ -23,10 +23,10 @@ pytestmark = pytest.mark.skipif(ir_kernelspec() is None, reason="R with IRkernel
                                 "(.ci/run installs r-base-core and r-cran-irkernel when it can)")
 
 
-def busy_for(request):
+def printed(request, text):
     def check(frame):
-        return (frame.get("kind") == "jupyter" and frame["header"]["msg_type"] == "status"
-                and frame["content"].get("execution_state") == "busy"
+        return (frame.get("kind") == "jupyter" and frame["header"]["msg_type"] == "stream"
+                and text in frame["content"].get("text", "")
                 and (frame.get("parent_header") or {}).get("msg_id") == request["header"]["msg_id"])
     return check
 
@@ -52,8 +52,9 @@ def test_r_session(server, open_channel):
     assert "deliberate failure" in "".join(f["content"].get("evalue", "") + "".join(f["content"].get("traceback", []))
                                            for f in frames if f["header"]["msg_type"] == "error"), frames
 
-    request = channel.execute("Sys.sleep(30)")
-    channel.until(busy_for(request), timeout=15)
+    # interrupt once the code runs (IRkernel drops a SIGINT that lands before it evaluates the cell)
+    request = channel.execute('cat("sleeping\\n"); Sys.sleep(30)')
+    channel.until(printed(request, "sleeping"), timeout=15)
     client.call("POST", f"/sessions/{session_id}/interrupt")
     channel.until_idle(request, timeout=15)  # well before the 30 s are up
     request = channel.execute('cat("still here", x, "\\n")')

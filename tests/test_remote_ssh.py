@@ -152,9 +152,8 @@ def test_ssh_provisioner_round_trip(start_server, sshd, ssh_kernelspec, tmp_path
     assert stream_text(replies_to(channel.until_idle(request, timeout=30), request)) == "remote True\n"
 
     # interrupt: the provisioner signals the kernel where it runs
-    request = channel.execute("import time; time.sleep(30)")
-    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "status"
-                  and f["content"].get("execution_state") == "busy"
+    request = channel.execute("import time; print('sleeping', flush=True); time.sleep(30)")
+    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "stream"
                   and (f.get("parent_header") or {}).get("msg_id") == request["header"]["msg_id"], timeout=15)
     client.call("POST", f"/sessions/{session_id}/interrupt")
     frames = channel.until_idle(request, timeout=20)
