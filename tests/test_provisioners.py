@@ -32,6 +32,11 @@ def jupyter_path(tmp_path):
                      display_name="Python on Kubernetes", language="python",
                      metadata={"kernel_provisioner": {"provisioner_name": "kubernetes-provisioner",
                                                       "config": {"image_name": "elyra/kernel-py:3.2.3"}}})
+    for name, provisioner in (("docker-python", "docker-provisioner"), ("yarn-spark", "yarn-provisioner")):
+        write_kernelspec(path, name, argv=[PYTHON, "-c", "raise SystemExit('the launcher must not run')",
+                                           "{kernel_id}", "{response_address}"],
+                         display_name=name, language="python",
+                         metadata={"kernel_provisioner": {"provisioner_name": provisioner, "config": {}}})
     return path
 
 
@@ -129,3 +134,20 @@ def test_provisioner_host_ends_with_the_server(start_server, jupyter_path):
     assert not server.stop()
     assert pid_gone(kernel_pid) and pid_gone(hosts[0])
     assert os.path.isdir(str(jupyter_path))
+
+
+@pytest.mark.parametrize("kernel_name, provisioner", [("docker-python", "docker-provisioner"),
+                                                      ("yarn-spark", "yarn-provisioner")])
+def test_docker_and_yarn_without_their_cluster_fail_fast_naming_the_provisioner(prov_server, kernel_name,
+                                                                                provisioner):
+    """No Docker daemon, no YARN ResourceManager (and maybe not their client packages): the provisioner
+    named by the kernelspec is the one that runs, and it fails the start with a StartupError."""
+    client = prov_server.client
+    session_id = new_id("nocluster")
+    client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": kernel_name,
+                                     "env": [{"action": "replace", "name": "GP_YARN_ENDPOINT",
+                                              "value": "http://127.0.0.1:9/ws/v1/cluster"}]})
+    status, body = client.request("POST", f"/sessions/{session_id}/start", timeout=60)
+    assert status == 500, body
+    assert f"'{provisioner}' could not start the kernel" in body["error"]["message"], body
+    assert get_session(prov_server, session_id)["status"] == "exited"
