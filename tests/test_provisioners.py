@@ -151,3 +151,15 @@ def test_docker_and_yarn_without_their_cluster_fail_fast_naming_the_provisioner(
     assert status == 500, body
     assert f"'{provisioner}' could not start the kernel" in body["error"]["message"], body
     assert get_session(prov_server, session_id)["status"] == "exited"
+
+
+def test_idle_shutdown_ends_a_provisioned_kernel(start_server, jupyter_path):
+    server = start_server("--transport", "tcp", "--idle-shutdown-seconds", "2",
+                          env={"JUPYTER_PATH": str(jupyter_path)})
+    session_id = new_id("prov")
+    server.client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": "py-local"})
+    server.client.call("POST", f"/sessions/{session_id}/start", timeout=60)
+    kernel_pid = get_session(server, session_id)["process_id"]
+    server.descendants()  # remember the host and the kernel, for the leftover check at teardown
+    wait_for(lambda: server.process.poll() is not None, 30, "the idle server to shut itself down")
+    wait_for(lambda: pid_gone(kernel_pid), 10, "the provisioned kernel to end with it")

@@ -19,6 +19,7 @@ There is no local pid for a remote kernel: ``pid`` is None, so resource usage is
 reported as absent (the local provisioner's kernel does have one, and is sampled).
 """
 import logging
+import os
 import signal
 import uuid
 
@@ -136,14 +137,27 @@ class ProvisionerLauncher(KernelLauncher):
         try:
             code = self.host.call("poll", CALL_TIMEOUT, kernel_id=self.kernel_id)
         except HostError as exc:
-            if exc.kind == "HostGone":
-                log.warning("kernel %s: the provisioner host is gone; the kernel is considered lost", self.kernel_id)
+            if exc.kind in ("HostGone", "LookupError"):  # the host died, and its provisioner with it
+                log.warning("kernel %s: its provisioner is gone (%s); the kernel is considered lost",
+                            self.kernel_id, exc.message)
+                self._end_orphan()
                 self._finish(-1)
             else:
                 log.warning("kernel %s: poll failed: %s", self.kernel_id, exc)
             return
         if code is not None:
             self._finish(code)
+
+    def _end_orphan(self):
+        """The provisioner died with its host: a local kernel we can still end ourselves (a remote one
+        cannot be reached without its provisioner and is left to its cluster)."""
+        info = self.provisioner_info or {}
+        if self.provisioner not in LOCAL_PROVISIONERS or not info.get("pid"):
+            return
+        try:
+            os.killpg(info.get("pgid") or info["pid"], signal.SIGKILL)
+        except OSError:
+            pass
 
     def _finish(self, code):
         if self._exited.is_set():
