@@ -154,8 +154,10 @@ class ProvisionerLauncher(KernelLauncher):
         info = self.provisioner_info or {}
         if self.provisioner not in LOCAL_PROVISIONERS or not info.get("pid"):
             return
+        pgid = info.get("pgid") or info["pid"]
         try:
-            os.killpg(info.get("pgid") or info["pid"], signal.SIGKILL)
+            if os.getpgid(info["pid"]) == pgid:  # still that kernel's group, not a reused pid's
+                os.killpg(pgid, signal.SIGKILL)
         except OSError:
             pass
 
