@@ -70,6 +70,11 @@ def test_local_provisioner_kernel_runs_restarts_and_dies(prov_server, open_chann
     _, frames = run_code(channel, "import os; print(os.environ['KCG_SPEC_VAR'], os.getpid())")
     text, pid = stream_text(frames).rsplit(" ", 1)
     assert text == "from the kernelspec" and int(pid) == first_pid
+    # what the kernel process itself writes (not through iopub) arrives as output events
+    run_code(channel, "import os; os.write(2, b'straight to fd 2\\n')")
+    expected = ["stderr", "straight to fd 2\n"]
+    if expected not in kernel_events(channel.frames, "output"):  # it may come after the idle
+        channel.until(lambda f: expected in kernel_events([f], "output"), timeout=10)
 
     # a local kernel: its resource usage is measured
     wait_for(lambda: get_session(prov_server, session_id).get("resource_usage"), 15, "resource usage")

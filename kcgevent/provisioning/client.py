@@ -58,6 +58,7 @@ class ProvisionerHost:
         self._start_lock = Semaphore()
         self._reader = None
         self._stderr_reader = None
+        self._listeners = {}  # kernel id -> on_output(stream, line)
 
     @property
     def pid(self):
@@ -99,6 +100,9 @@ class ProvisionerHost:
             except ValueError:
                 host_log.warning("unreadable answer from the provisioner host: %r", line[:200])
                 continue
+            if message.get("event") == "output":
+                self._deliver_output(message)
+                continue
             waiter = self._pending.pop(message.get("id"), None)
             if waiter is None:
                 continue
@@ -110,6 +114,23 @@ class ProvisionerHost:
         pending, self._pending = self._pending, {}
         for waiter in pending.values():
             waiter.set_exception(HostGone(f"the provisioner host exited (code {code})"))
+
+    def subscribe(self, kernel_id, on_output):
+        """Have `on_output(stream, line)` called for what the kernel `kernel_id` prints (local kernels)."""
+        self._listeners[kernel_id] = on_output
+
+    def unsubscribe(self, kernel_id, on_output):
+        if self._listeners.get(kernel_id) == on_output:  # a restarted kernel's launcher may have taken over
+            del self._listeners[kernel_id]
+
+    def _deliver_output(self, message):
+        listener = self._listeners.get(message.get("kernel_id"))
+        if listener is None:
+            return
+        try:
+            listener(message.get("stream", "stdout"), message.get("line", ""))
+        except Exception:
+            log.exception("output callback failed")
 
     def _log_stderr(self, process):
         for line in iter(process.stderr.readline, b""):

@@ -9,7 +9,8 @@ gevent's patched modules. Here they run unpatched, in their own process; see
 kcgevent/provisioning/client.py for the other side and the measurements behind the choice.
 
 Protocol: one JSON object per line. Requests on stdin: ``{"id", "op", ...arguments}``; answers on
-the *original* stdout: ``{"id", "ok": result}`` or ``{"id", "error": {"type", "message"}}``. File
+the *original* stdout: ``{"id", "ok": result}`` or ``{"id", "error": {"type", "message"}}``, and
+events ``{"id": null, "event": "output", "kernel_id", "stream", "line"}`` (a local kernel's output). File
 descriptor 1 is pointed at stderr as soon as we start, so nothing a library or a locally launched
 kernel prints can corrupt the protocol. Requests run concurrently; each kernel's are serialized.
 On end of input (the server is gone, normally or not) the host ends the kernels it still knows
@@ -25,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 import sys
 import traceback
 
@@ -66,10 +68,18 @@ class Kernel:
             kernel_id, self.kernel_spec, parent=self.manager)
         self.manager.provisioner = self.provisioner
 
-    async def launch(self, env, cwd):
+    async def launch(self, env, cwd, on_output):
+        from jupyter_client.provisioning import LocalProvisioner
         kwargs = await self.provisioner.pre_launch(env=env, cwd=cwd or None)
         cmd = kwargs.pop("cmd")
+        local = isinstance(self.provisioner, LocalProvisioner)
+        if local:  # a local kernel's output goes to the server as the session's output events
+            kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         info = await self.provisioner.launch_kernel(cmd, **kwargs)
+        if local:
+            process = self.provisioner.process
+            for stream, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
+                asyncio.ensure_future(forward_output(pipe, lambda line, stream=stream: on_output(stream, line)))
         await self.provisioner.post_launch(**kwargs)
         return {"cmd": list(cmd), "connection_info": _json_safe(dict(info)),
                 "provisioner_info": _json_safe(await self.provisioner.get_provisioner_info()),
@@ -81,6 +91,24 @@ class Kernel:
             os.unlink(self.manager.connection_file)
         except (OSError, TypeError):
             pass
+
+
+async def forward_output(pipe, deliver, limit=64 * 1024):
+    """Deliver each line of a kernel's pipe (cut at `limit` bytes) until it closes."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit * 2)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:  # a line longer than the buffer: take what is there
+                line = await reader.read(limit)
+            if not line:
+                return
+            deliver(line.decode("utf-8", "replace"))
+    finally:
+        transport.close()
 
 
 class Host:
@@ -138,8 +166,13 @@ class Host:
         if kernel is None:
             kernel = Kernel(request["kernel_id"], request["kernelspec"], request["connection_file"])
             self.kernels[kernel.kernel_id] = kernel
+        kernel_id = kernel.kernel_id
+
+        def on_output(stream, line):
+            self.answer({"id": None, "event": "output", "kernel_id": kernel_id, "stream": stream, "line": line})
+
         async with kernel.lock:
-            return await kernel.launch(request.get("env") or dict(os.environ), request.get("cwd"))
+            return await kernel.launch(request.get("env") or dict(os.environ), request.get("cwd"), on_output)
 
     async def op_load(self, request):
         """Re-create a provisioner from saved provisioner info (a restarted server finding its kernel)."""

@@ -35,6 +35,7 @@ POLL_INTERVAL = 1.0  # seconds between provisioner polls while the kernel runs
 CALL_TIMEOUT = 60.0  # seconds for one provisioner call (kill, signal, poll, cleanup)
 LAUNCH_TIMEOUT = 120.0  # seconds for a launch (the provisioner applies its own, shorter, launch timeout)
 KILL_WAIT = 10.0
+STARTUP_LINES_KEPT = 1000
 
 LOCAL_PROVISIONERS = ("local-provisioner",)
 
@@ -90,12 +91,14 @@ class ProvisionerLauncher(KernelLauncher):
         self._exited = Event()
         self._watch = None
         self._cleaned = False
+        self._output = []  # the last lines a local kernel printed (for a StartupError)
 
     # -- start ----------------------------------------------------------------------------------
 
     def start(self, request):
         self.host_spec = host_kernelspec(self.kernelspec, request.env)
         self.connection_file = request.connection_file
+        self.host.subscribe(self.kernel_id, self._on_kernel_output)
         try:
             result = self.host.call("launch", LAUNCH_TIMEOUT, kernel_id=self.kernel_id, kernelspec=self.host_spec,
                                     connection_file=request.connection_file, env=request.env,
@@ -108,6 +111,15 @@ class ProvisionerLauncher(KernelLauncher):
         self.provisioner_info = result["provisioner_info"]
         log.info("kernel %s started by %s: %s", self.kernel_id, self.provisioner, self.cmd)
         self._watch = gevent.spawn(self._run_watch)
+
+    def _on_kernel_output(self, stream, line):
+        self._output.append(line)
+        del self._output[:-STARTUP_LINES_KEPT]
+        if not self._exited.is_set():
+            self.on_output(stream, line)
+
+    def startup_output(self):
+        return "\n".join(line.rstrip("\r\n") for line in self._output)
 
     def _failure_message(self, exc):
         cause = FAILURE_CAUSES.get(exc.kind)
@@ -251,6 +263,8 @@ class ProvisionerLauncher(KernelLauncher):
         if self._cleaned:
             return
         self._cleaned = True
+        if self.host is not None:
+            self.host.unsubscribe(self.kernel_id, self._on_kernel_output)
         try:
             self.host.call("cleanup", CALL_TIMEOUT, kernel_id=self.kernel_id)
         except HostError as exc:
