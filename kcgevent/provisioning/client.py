@@ -1,7 +1,7 @@
 """The gevent side of the provisioner host (host.py): start it, call it, stop it.
 
 Why a helper process rather than an asyncio loop in a native thread of this process (measured
-with ``python tools/bench_bridge.py``; figures in the README): both answer a call in well under a
+with ``python tools/bench_bridge.py``; figures in docs/kernels.md): both answer a call in well under a
 millisecond, which is nothing next to a provisioner's own work (seconds of SSH or cluster API
 calls). What decides it is correctness. In a native thread, the provisioners' blocking libraries
 still use gevent's patched socket, threading and subprocess modules: paramiko's transport thread

@@ -283,7 +283,7 @@ class ProvisionerLauncher(KernelLauncher):
     def to_state(self):
         return {"kind": self.kind, "kernel_id": self.kernel_id, "kernelspec": self.kernelspec,
                 "host_spec": self.host_spec, "connection_file": self.connection_file,
-                "provisioner_info": self.provisioner_info}
+                "provisioner_info": self.provisioner_info, "cmd": self.cmd}
 
     @classmethod
     def from_state(cls, state, on_output, on_exit, provisioner_host=None, **context):
@@ -291,6 +291,7 @@ class ProvisionerLauncher(KernelLauncher):
         launcher.host_spec = state.get("host_spec")
         launcher.connection_file = state.get("connection_file")
         launcher.provisioner_info = state.get("provisioner_info")
+        launcher.cmd = state.get("cmd")
         try:
             found = provisioner_host.call("load", LAUNCH_TIMEOUT, kernel_id=launcher.kernel_id,
                                           kernelspec=launcher.host_spec, connection_file=launcher.connection_file,
