@@ -163,3 +163,18 @@ def test_kernel_name_is_in_the_contract():
 def test_a_bad_kernel_name_type_is_a_400(spec_server):
     status, body = spec_server.client.request("PUT", "/sessions", {"session_id": new_id(), "kernel_name": 7})
     assert status == 400 and "kernel_name" in body["message"], body
+
+
+def test_the_probe_reads_ports_only_from_a_complete_file(tmp_path):
+    from kcgevent.session.handshake import PORT_KEYS, SilentKernelProbe
+    path = tmp_path / "registration.json"
+    probe = SilentKernelProbe(str(path), pid=2 ** 22 + 12345)  # no such process: never "listening"
+    for content in ("", "{not json", json.dumps({"registration_port": 5}),
+                    json.dumps({k: 0 for k in PORT_KEYS})):
+        path.write_text(content)
+        probe._next = 0
+        assert probe() is None and not probe.found_in_file, content
+    ports = {k: 40000 + i for i, k in enumerate(PORT_KEYS)}
+    path.write_text(json.dumps({"registration_port": 5, "key": "k", **ports}))
+    probe._next = 0
+    assert probe() == ports and probe.found_in_file

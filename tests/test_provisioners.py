@@ -3,6 +3,7 @@ provisioner host (jupyter_client's local-provisioner; gateway_provisioners' Kube
 cluster)."""
 import json
 import os
+import signal
 
 import psutil
 import pytest
@@ -168,3 +169,18 @@ def test_idle_shutdown_ends_a_provisioned_kernel(start_server, jupyter_path):
     server.descendants()  # remember the host and the kernel, for the leftover check at teardown
     wait_for(lambda: server.process.poll() is not None, 30, "the idle server to shut itself down")
     wait_for(lambda: pid_gone(kernel_pid), 10, "the provisioned kernel to end with it")
+
+
+def test_a_killed_server_leaves_no_provisioned_kernel_behind(start_server, jupyter_path):
+    """Without a state dir nothing outlives the server: SIGKILL it, and its provisioner host (told by the
+    end of its input) ends the kernel and itself."""
+    server = start_server("--transport", "tcp", env={"JUPYTER_PATH": str(jupyter_path)})
+    session_id = new_id("prov")
+    server.client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": "py-local"})
+    server.client.call("POST", f"/sessions/{session_id}/start", timeout=60)
+    kernel_pid = get_session(server, session_id)["process_id"]
+    hosts = [p.pid for p in server.descendants() if "kcgevent.provisioning.host" in " ".join(p.cmdline())]
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(10)
+    wait_for(lambda: pid_gone(kernel_pid) and all(pid_gone(pid) for pid in hosts), 20,
+             "the kernel and the provisioner host to end")
