@@ -291,8 +291,8 @@ def test_a_second_server_on_the_same_state_dir_exits_at_once(manager, tmp_path):
     session_id = new_id("fake")
     start(first, fake_kernel_session(session_id))
     time.sleep(1)  # the kernel's guardian looks at the lock meanwhile: that must not release it
-    second = subprocess.run([PYTHON, "-m", "kcgevent", "--state-dir", first.state_dir, "--transport", "tcp"],
-                            capture_output=True, text=True, timeout=30)
+    second = subprocess.run([PYTHON, "-m", "kcgevent", "--transport", "tcp"], capture_output=True, text=True,
+                            timeout=30, env={**os.environ, "KCGEVENT_STATE_DIR": first.state_dir})
     assert second.returncode != 0
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "is using the state dir" in lines[0], second.stderr
@@ -401,5 +401,30 @@ def test_what_a_kernel_prints_while_no_server_runs_is_kept(manager):
     wait_for(lambda: sessions_of(server)[session_id]["status"] == "exited", 10, "the exit of a restored kernel")
     channel.until(lambda f: f.get("kind") == "kernel" and "exited" in f, timeout=10)
     wait_gone([pid])
+    channel.close()
+    assert server.stop() == 0
+
+
+def test_memory_stays_bounded_while_a_client_is_away(manager):
+    """With a state dir the frames a client has not read live in files: 80 MB of output waiting for a
+    client barely moves the server's RSS, and all of it arrives, in order, when a client comes."""
+    server = manager("--buffer-bytes", str(1 << 30)).start()
+    session_id = new_id("py")
+    start(server, python_kernel_session(session_id, PYTHON, working_directory=HERE))
+    run_code(server, session_id, "print('warm')")
+    rss_before = psutil.Process(server.process.pid).memory_info().rss
+    channel = open_ws(server, session_id)
+    request = channel.execute("import sys\nfor i in range(800):\n    sys.stdout.write(str(i).rjust(100000) + '\\n')\n"
+                              "    sys.stdout.flush()\n")
+    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "status"
+                  and f["content"].get("execution_state") == "busy"
+                  and (f["parent_header"] or {}).get("msg_id") == request["header"]["msg_id"], timeout=20)
+    channel.ws.close()  # away while it runs
+    wait_for(lambda: sessions_of(server)[session_id]["status"] == "idle", 60, "the output to be produced")
+    rss_after = psutil.Process(server.process.pid).memory_info().rss
+    assert rss_after - rss_before < 30 * (1 << 20), f"RSS grew by {(rss_after - rss_before) >> 20} MiB"
+    channel = open_ws(server, session_id)
+    frames = channel.until(lambda f: is_idle_for(f, request), timeout=60)
+    assert stream_lines(frames, request) == list(range(800))
     channel.close()
     assert server.stop() == 0
