@@ -258,19 +258,25 @@ def test_a_client_reconnecting_with_backoff_gets_back_in(manager):
     assert server.stop() == 0
 
 
-def test_clean_stop_ends_kernels_and_clears_the_sessions(manager):
-    server = manager().start()
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "POST /shutdown", "idle shutdown"])
+def test_a_clean_stop_ends_kernels_and_clears_the_sessions(manager, how):
+    server = manager("--idle-shutdown-seconds", "5" if how == "idle shutdown" else "3600").start()
     session_id = new_id("fake")
     pid = start(server, fake_kernel_session(session_id))
+    assert run_code(server, session_id, "print kept") == "kept\n"
     tree = tree_of(pid)
-    assert server.stop() == 0
+    server.record_descendants()
+    if how == "POST /shutdown":
+        assert server.client.call("POST", "/shutdown") is None
+    elif how.startswith("SIG"):
+        server.process.send_signal(getattr(signal, how))
+    assert server.process.wait(30) == 0
     wait_gone(tree, timeout=10)
     state = server.state_dir
     assert os.listdir(os.path.join(state, "sessions")) == [] and os.listdir(os.path.join(state, "kernels")) == []
     server.start()
     assert sessions_of(server) == {}
-    assert server.client.call("POST", "/shutdown") is None
-    assert server.process.wait(20) == 0
+    assert server.stop() == 0
 
 
 def test_state_dir_files_are_private(manager):
