@@ -155,3 +155,14 @@ def test_the_guardian_ends_the_tree_when_its_parent_dies(tmp_path):
         server.kill()
         server.wait(5)
         server.stdout.close()
+
+
+def test_delivered_output_gives_its_disk_space_back(tmp_path):
+    code = "import sys\nfor i in range(3000):\n    sys.stdout.write(str(i).rjust(999) + '\\n')\nsys.stdout.flush()\n"
+    launcher, rec = launch(tmp_path, code, durable=True)
+    assert launcher.wait(30) == 0
+    lines = [line for _, line in rec.lines]
+    assert [int(line) for line in lines] == list(range(3000))
+    path = tmp_path / "kernel" / "stdout"
+    assert os.path.getsize(path) == 3000 * 1000  # the kernel's offsets are untouched
+    assert os.stat(path).st_blocks * 512 < 1 << 20, "delivered output still takes its disk space"

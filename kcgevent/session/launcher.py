@@ -34,6 +34,23 @@ TAIL_INTERVAL = 0.05  # seconds between looks at the output files while output f
 TAIL_IDLE_INTERVAL = 0.25  # ... and while it does not
 TAIL_CHUNK = 1 << 16
 EXIT_POLL = 0.2  # seconds between checks of a restored kernel without pidfd support
+PUNCH_EVERY = 1 << 20  # give back the disk space of delivered output each time this much more was read
+
+try:  # Linux: fallocate(PUNCH_HOLE) frees delivered output without moving the kernel's write offset
+    import ctypes
+    _fallocate = ctypes.CDLL(None, use_errno=True).fallocate if sys.platform.startswith("linux") else None
+    if _fallocate is not None:
+        _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+except (ImportError, OSError, AttributeError):  # pragma: no cover
+    _fallocate = None
+_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def _punch(fd, length):
+    """Free the first `length` bytes (whole 4 KiB blocks) of a file; best effort."""
+    length &= ~4095
+    if _fallocate is not None and length > 0:
+        _fallocate(fd, _FALLOC_PUNCH, 0, length)
 
 
 @dataclasses.dataclass
@@ -221,6 +238,7 @@ class LocalLauncher(KernelLauncher):
         self._starting = False
         self._offsets = {"stdout": 0, "stderr": 0}  # bytes of each output file delivered
         self._partial = {"stdout": b"", "stderr": b""}
+        self._punched = {"stdout": 0, "stderr": 0}
         self._tail = None
         self._watch = None
 
@@ -308,7 +326,7 @@ class LocalLauncher(KernelLauncher):
         got = False
         for stream in ("stdout", "stderr"):
             try:
-                fd = os.open(os.path.join(self.workdir, stream), os.O_RDONLY)
+                fd = os.open(os.path.join(self.workdir, stream), os.O_RDWR)
             except OSError:
                 continue
             try:
@@ -318,8 +336,10 @@ class LocalLauncher(KernelLauncher):
                         break
                     got = True
                     self._deliver_chunk(stream, self._partial[stream] + chunk)
-                    if final is False:
-                        gevent.sleep(0)  # a flood must not hold the hub
+                    gevent.sleep(0)  # a flood must not hold the hub
+                if self._offsets[stream] - self._punched[stream] >= PUNCH_EVERY:
+                    _punch(fd, self._offsets[stream])  # the file stays append-only; its disk use stays bounded
+                    self._punched[stream] = self._offsets[stream]
             finally:
                 os.close(fd)
             if final and self._partial[stream]:
