@@ -166,3 +166,26 @@ def test_delivered_output_gives_its_disk_space_back(tmp_path):
     path = tmp_path / "kernel" / "stdout"
     assert os.path.getsize(path) == 3000 * 1000  # the kernel's offsets are untouched
     assert os.stat(path).st_blocks * 512 < 1 << 20, "delivered output still takes its disk space"
+
+
+@pytest.mark.parametrize("code, expected", [("import sys; sys.exit(7)", 7), ("import time; time.sleep(600)", -15)])
+def test_guardian_without_sigtimedwait(tmp_path, code, expected):
+    """macOS has no sigtimedwait: the guardian falls back to handlers and sleeps, and still mirrors the
+    kernel's exit (here a SIGTERM to the guardian ends a sleeping kernel)."""
+    import json
+    import subprocess
+    from kcgevent.session.launcher import GUARDIAN
+    (tmp_path / "argv.json").write_text(json.dumps([PYTHON, "-c", code]))
+    runner = ("import runpy, signal, sys; del signal.sigtimedwait; sys.argv = [sys.argv[0]] + sys.argv[1:]; "
+              f"runpy.run_path({GUARDIAN!r}, run_name='__main__')")
+    guardian = subprocess.Popen([PYTHON, "-I", "-S", "-c", runner, "--dir", str(tmp_path)])
+    try:
+        status = gwait(lambda: json.loads((tmp_path / "status.json").read_text() or "{}")
+                       if (tmp_path / "status.json").exists() else None, 10, "the guardian's report")
+        if expected < 0:
+            guardian.send_signal(signal.SIGTERM)
+        assert guardian.wait(10) == expected
+        wait_gone([status["kernel_pid"]])
+    finally:
+        guardian.kill()
+        guardian.wait(5)

@@ -186,7 +186,7 @@ def main(args):
         prctl(PR_SET_PDEATHSIG, 0)  # our supervisor may die; the lock tells whether one is back
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     watched = [signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP]
-    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    wait_signal = signal_waiter(watched)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, our group mate
     try:
         kernel = spawn(argv, options["output"])
@@ -222,11 +222,34 @@ def main(args):
                 signal_tree(kernel, signal.SIGTERM)
         elif now - ending >= TERM_WAIT:
             signal_tree(kernel, signal.SIGKILL)
-        got = signal.sigtimedwait(watched, TICK)
-        if got is not None and got.si_signo in (signal.SIGTERM, signal.SIGHUP) and ending is None:
-            if not options["lock"] or got.si_signo == signal.SIGTERM:
+        signo = wait_signal(TICK)
+        if signo in (signal.SIGTERM, signal.SIGHUP) and ending is None:
+            if not options["lock"] or signo == signal.SIGTERM:
                 ending = time.monotonic()
                 signal_tree(kernel, signal.SIGTERM)
+
+
+def signal_waiter(signals):
+    """A function waiting up to `timeout` s for one of `signals`; returns its number or None.
+
+    sigtimedwait where there is one (Linux); elsewhere (macOS) handlers and a sleep that a signal cuts
+    short at most by TICK."""
+    if hasattr(signal, "sigtimedwait"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+        def wait(timeout):
+            got = signal.sigtimedwait(signals, timeout)
+            return got.si_signo if got is not None else None
+        return wait
+    received = []
+    for sig in signals:
+        signal.signal(sig, lambda signo, _frame: received.append(signo))
+
+    def wait(timeout):
+        if not received:
+            time.sleep(timeout)
+        return received.pop(0) if received else None
+    return wait
 
 
 def end_tree(kernel):
