@@ -189,3 +189,38 @@ def test_guardian_without_sigtimedwait(tmp_path, code, expected):
     finally:
         guardian.kill()
         guardian.wait(5)
+
+
+def test_capture_merge_relays_the_capture_then_the_live_stream_without_the_overlap(tmp_path):
+    """Pure bookkeeping of iopub_capture.py: a capture file of 5 messages, a live stream starting with
+    the last 2 of them: 8 messages relayed once each, in order."""
+    import struct
+
+    from kcgevent.session import wire
+    from kcgevent.session.iopub_capture import CaptureClaim, CaptureMerge, read_capture
+
+    signer = wire.Signer("key")
+
+    def message(n):
+        header = {"msg_id": f"m{n}", "msg_type": "stream", "session": "s", "username": "u", "date": "",
+                  "version": "5.3"}
+        return wire.serialize(signer, header, {}, {}, {"name": "stdout", "text": f"{n}\n"}, identities=[b"stream"])
+
+    with open(tmp_path / "capture.done", "wb") as f:
+        for n in range(5):
+            frames = message(n)
+            f.write(struct.pack(">I", len(frames)))
+            for frame in frames:
+                f.write(struct.pack(">I", len(frame)) + frame)
+        f.write(b"\x00\x00\x00\x07\x00\x00")  # a torn record at the end is ignored
+    assert len(read_capture(tmp_path / "capture.done")) == 5
+    relayed = []
+    merge = CaptureMerge(CaptureClaim(str(tmp_path)), lambda msg, raw: relayed.append(msg.header["msg_id"]), signer,
+                         "s")
+    for n in (3, 4, 5):
+        merge(*wire.parse_kernel_frames("iopub", message(n), signer))
+    gwait(lambda: merge.state == "live", 5, "the merge")
+    for n in (6, 7):
+        merge(*wire.parse_kernel_frames("iopub", message(n), signer))
+    assert relayed == [f"m{n}" for n in range(8)]
+    assert os.path.exists(tmp_path / "capture.stop") and not os.path.exists(tmp_path / "capture.done")

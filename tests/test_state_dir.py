@@ -434,3 +434,36 @@ def test_memory_stays_bounded_while_a_client_is_away(manager):
     assert stream_lines(frames, request) == list(range(800))
     channel.close()
     assert server.stop() == 0
+
+
+def test_what_a_kernel_publishes_while_no_server_runs_is_kept_by_its_guardian(manager):
+    """iopub is PUB/SUB: only a listener gets messages. The guardian listens while no server does."""
+    server = manager("--restart-grace", "30").start()
+    session_id = new_id("fake")
+    pid = start(server, fake_kernel_session(session_id))
+    server.pids.update(tree_of(pid))
+    channel = open_ws(server, session_id, after=0)
+    request = channel.execute("sleep 1\nprint published-while-down\nflood 2000\nprint after-the-flood")
+    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "status"
+                  and f["content"].get("execution_state") == "busy", timeout=10)
+    last_seq = max(f["seq"] for f in channel.frames)
+    server.sigkill()
+    channel.ws.close()
+    time.sleep(3)  # the cell runs to its end with no server
+    server.start()
+    channel = open_ws(server, session_id, after=last_seq)
+    frames = channel.until(lambda f: is_idle_for(f, request), timeout=20)
+    texts = [f["content"]["text"] for f in frames if f.get("kind") == "jupyter"
+             and f["header"]["msg_type"] == "stream"]
+    assert texts == ["published-while-down\n", *[f"{i}\n" for i in range(2000)], "after-the-flood\n"]
+    assert [f["seq"] for f in frames] == list(range(last_seq + 1, last_seq + 1 + len(frames)))
+    gaps = [f for f in frames if f.get("kind") == "kernel" and "outputGap" in f]
+    assert len(gaps) == 1
+    assert sessions_of(server)[session_id]["status"] == "idle"
+    # Nothing twice afterwards either: the live stream after the handover.
+    request = channel.execute("print live")
+    frames = channel.until(lambda f: is_idle_for(f, request), timeout=20)
+    assert [f["content"]["text"] for f in frames if f.get("kind") == "jupyter"
+            and f["header"]["msg_type"] == "stream"] == ["live\n"]
+    channel.close()
+    assert server.stop() == 0

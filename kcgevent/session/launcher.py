@@ -24,6 +24,7 @@ import psutil
 from gevent.event import Event
 
 from . import process as proc_mod
+from .iopub_capture import CaptureClaim
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,15 @@ class KernelLauncher(abc.ABC):
     def startup_output(self):
         """What the kernel printed while starting, for a StartupError ("\\n"-joined lines)."""
         return ""
+
+    def kernel_connected(self, connection_info):
+        """The session is connected to the kernel (`connection_info`: its ZeroMQ endpoints and key).
+        A launcher that can listen to iopub while no supervisor runs learns where from this."""
+
+    def iopub_capture(self):
+        """After a restore: a CaptureClaim (iopub_capture.py) for what was kept of the kernel's iopub
+        while no supervisor listened, or None if this launcher keeps nothing."""
+        return None
 
     def describe_failure(self, kind):
         """The StartupError `details` for a kernel that exited ("exit") or did not connect ("connect")."""
@@ -449,7 +459,8 @@ class LocalLauncher(KernelLauncher):
         self._remove_files()
 
     def _remove_files(self):
-        for name in ("status.json", "argv.json", "stdout", "stderr"):
+        for name in ("status.json", "argv.json", "stdout", "stderr", "iopub.json", "capture", "capture.done",
+                     "capture.stop"):
             try:
                 os.unlink(os.path.join(self.workdir, name))
             except OSError:
@@ -457,6 +468,23 @@ class LocalLauncher(KernelLauncher):
 
     def startup_output(self):
         return self._process.startup_output() if self._process is not None else ""
+
+    def kernel_connected(self, connection_info):
+        if not (self.durable and USE_GUARDIAN and self.lock):
+            return
+        import zmq  # where the guardian finds pyzmq, should it have to listen to iopub itself
+        transport = connection_info.get("transport", "tcp")
+        url = (f"tcp://{connection_info['ip']}:{connection_info['iopub_port']}" if transport == "tcp"
+               else f"{transport}://{connection_info['ip']}-{connection_info['iopub_port']}")
+        content = {"url": url, "pythonpath": [os.path.dirname(os.path.dirname(os.path.abspath(zmq.__file__)))]}
+        tmp = os.path.join(self.workdir, "iopub.json.tmp")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(content, f)
+        os.replace(tmp, os.path.join(self.workdir, "iopub.json"))
+
+    def iopub_capture(self):
+        claim = CaptureClaim(self.workdir)
+        return claim if self.durable and USE_GUARDIAN and claim.pending() else None
 
     def describe_failure(self, kind):
         if self._process is not None:
