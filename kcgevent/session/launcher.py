@@ -246,6 +246,7 @@ class LocalLauncher(KernelLauncher):
         self._exit_code = None
         self._exited = Event()
         self._starting = False
+        self._failed = False
         self._offsets = {"stdout": 0, "stderr": 0}  # bytes of each output file delivered
         self._partial = {"stdout": b"", "stderr": b""}
         self._punched = {"stdout": 0, "stderr": 0}
@@ -280,6 +281,9 @@ class LocalLauncher(KernelLauncher):
                 self._await_guardian_report()
             else:
                 self._kernel_pid = self._process.pid
+        except LaunchError:
+            self._failed = True  # its exit is not the session's business
+            raise
         finally:
             self._starting = False
         if self.durable:
@@ -381,7 +385,7 @@ class LocalLauncher(KernelLauncher):
     # -- exit -----------------------------------------------------------------------------------
 
     def _on_process_exit(self, code):
-        if self._starting and not self._kernel_pid:
+        if self._failed or (self._starting and not self._kernel_pid):
             return  # start() reports this failure itself
         self._finish(code)
 
