@@ -403,10 +403,19 @@ def test_what_a_kernel_prints_while_no_server_runs_is_kept(manager):
     reply = channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "execute_reply",
                           timeout=10)[-1]
     assert reply["content"]["ename"] == "KeyboardInterrupt"
-    server.client.call("POST", f"/sessions/{session_id}/kill")
-    wait_for(lambda: sessions_of(server)[session_id]["status"] == "exited", 10, "the exit of a restored kernel")
-    channel.until(lambda f: f.get("kind") == "kernel" and "exited" in f, timeout=10)
+    # A restart of a restored kernel: the old one goes, a new one comes under a new guardian.
+    server.client.call("POST", f"/sessions/{session_id}/restart")
     wait_gone([pid])
+    new_pid = sessions_of(server)[session_id]["process_id"]
+    assert new_pid != pid
+    server.pids.update(tree_of(new_pid))
+    channel.close()
+    assert run_code(server, session_id, "print restarted") == "restarted\n"
+    channel = open_ws(server, session_id)
+    server.client.call("POST", f"/sessions/{session_id}/kill")
+    wait_for(lambda: sessions_of(server)[session_id]["status"] == "exited", 10, "the exit of the kernel")
+    channel.until(lambda f: f.get("kind") == "kernel" and "exited" in f, timeout=10)
+    wait_gone([new_pid])
     channel.close()
     assert server.stop() == 0
 
@@ -437,33 +446,36 @@ def test_memory_stays_bounded_while_a_client_is_away(manager):
 
 
 def test_what_a_kernel_publishes_while_no_server_runs_is_kept_by_its_guardian(manager):
-    """iopub is PUB/SUB: only a listener gets messages. The guardian listens while no server does."""
+    """iopub is PUB/SUB: only a listener gets messages. The guardian listens while no server does
+    (twice: the second time the server it lost was not its parent)."""
     server = manager("--restart-grace", "30").start()
     session_id = new_id("fake")
     pid = start(server, fake_kernel_session(session_id))
     server.pids.update(tree_of(pid))
     channel = open_ws(server, session_id, after=0)
-    request = channel.execute("sleep 1\nprint published-while-down\nflood 2000\nprint after-the-flood")
-    channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "status"
-                  and f["content"].get("execution_state") == "busy", timeout=10)
-    last_seq = max(f["seq"] for f in channel.frames)
-    server.sigkill()
-    channel.ws.close()
-    time.sleep(3)  # the cell runs to its end with no server
-    server.start()
-    channel = open_ws(server, session_id, after=last_seq)
-    frames = channel.until(lambda f: is_idle_for(f, request), timeout=20)
-    texts = [f["content"]["text"] for f in frames if f.get("kind") == "jupyter"
-             and f["header"]["msg_type"] == "stream"]
-    assert texts == ["published-while-down\n", *[f"{i}\n" for i in range(2000)], "after-the-flood\n"]
-    assert [f["seq"] for f in frames] == list(range(last_seq + 1, last_seq + 1 + len(frames)))
-    gaps = [f for f in frames if f.get("kind") == "kernel" and "outputGap" in f]
-    assert len(gaps) == 1
-    assert sessions_of(server)[session_id]["status"] == "idle"
-    # Nothing twice afterwards either: the live stream after the handover.
-    request = channel.execute("print live")
-    frames = channel.until(lambda f: is_idle_for(f, request), timeout=20)
-    assert [f["content"]["text"] for f in frames if f.get("kind") == "jupyter"
-            and f["header"]["msg_type"] == "stream"] == ["live\n"]
+    for crash in range(2):
+        request = channel.execute(f"sleep 1\nprint published-while-down-{crash}\nflood 2000\nprint after-the-flood")
+        channel.until(lambda f: f.get("kind") == "jupyter" and f["header"]["msg_type"] == "status"
+                      and f["content"].get("execution_state") == "busy"
+                      and (f["parent_header"] or {}).get("msg_id") == request["header"]["msg_id"], timeout=10)
+        last_seq = max(f["seq"] for f in channel.frames)
+        server.sigkill()
+        channel.ws.close()
+        time.sleep(3)  # the cell runs to its end with no server
+        server.start()
+        channel = open_ws(server, session_id, after=last_seq)
+        frames = channel.until(lambda f: is_idle_for(f, request), timeout=20)
+        texts = [f["content"]["text"] for f in frames if f.get("kind") == "jupyter"
+                 and f["header"]["msg_type"] == "stream"]
+        assert texts == [f"published-while-down-{crash}\n", *[f"{i}\n" for i in range(2000)], "after-the-flood\n"]
+        assert [f["seq"] for f in frames] == list(range(last_seq + 1, last_seq + 1 + len(frames)))
+        gaps = [f for f in frames if f.get("kind") == "kernel" and "outputGap" in f]
+        assert len(gaps) == 1
+        assert sessions_of(server)[session_id]["status"] == "idle"
+        # Nothing twice afterwards either: the live stream after the handover.
+        request = channel.execute("print live")
+        frames = channel.until(lambda f: is_idle_for(f, request), timeout=20)
+        assert [f["content"]["text"] for f in frames if f.get("kind") == "jupyter"
+                and f["header"]["msg_type"] == "stream"] == ["live\n"]
     channel.close()
     assert server.stop() == 0
