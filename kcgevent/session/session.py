@@ -474,6 +474,8 @@ class KernelSession:
     def to_record(self):
         """What a restarted server needs to serve this session again (JSON-able)."""
         channel = self.channel
+        if hasattr(channel.log, "flush"):
+            channel.log.flush()  # the seqs recorded here are on disk
         client = channel.client
         cursor = channel.cursor
         if client is not None and not client.with_seq:
