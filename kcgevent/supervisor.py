@@ -168,7 +168,7 @@ class Supervisor:
             session = KernelSession(spec, self, log=log_store)
             self.sessions[saved.session_id] = session
             if saved.record is None:
-                session.status, session.status_reason = "exited", f"not restored: {saved.problem}"
+                session.set_status("exited", f"not restored: {saved.problem}")  # (a client sees why)
                 problems[saved.session_id] = saved.problem
             else:
                 problem = session.restore(saved.record)

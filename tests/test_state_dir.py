@@ -346,6 +346,10 @@ def test_a_damaged_state_dir_is_reported_per_session(manager):
     assert listed[died]["status"] == "exited"
     assert listed[torn]["status"] == "exited"
     wait_gone(trees[torn] + trees[died], timeout=15)  # the kernel of a lost record is ended
+    told = open_ws(server, torn, after=0)
+    told.until(lambda f: f.get("kind") == "kernel" and "status" in f and f["status"]["status"] == "exited"
+               and "record is damaged" in f["status"]["reason"], timeout=10)
+    told.close()
     log_text = server.output()
     assert "session %s: its record is damaged" % torn in log_text
     assert "session %s: log segment" % truncated in log_text
