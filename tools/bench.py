@@ -726,6 +726,20 @@ def bench_durable(opts, workdir, results):
         results[name] = {"median_rate": statistics.median(r["rate"] for r in rs),
                          "server_us_per_msg": statistics.median(1e6 * r["cpu_server_s"] / opts.flood for r in rs),
                          "ok": all(r["ok"] for r in rs), "runs": rs}
+    # Round trips (each execute changes the status twice: busy, idle), interleaved in blocks.
+    times = {name: [] for name in servers}
+    cpu = {name: 0.0 for name in servers}
+    for session in sessions.values():
+        session.open()
+        session.roundtrip("sync")
+    for _ in range(max(1, opts.n // opts.block)):
+        for name, session in sessions.items():
+            before = cpu_seconds(servers[name].pid)
+            times[name] += [session.roundtrip("sync") for _ in range(opts.block)]
+            cpu[name] += cpu_seconds(servers[name].pid) - before
+    for name in servers:
+        results[name]["rt_median_ms"] = 1000 * statistics.median(times[name])
+        results[name]["rt_server_us"] = 1e6 * cpu[name] / len(times[name])
     for session in sessions.values():
         session.close()
 
@@ -774,7 +788,8 @@ def report_durable(results, opts):
     for label, r in (("without --state-dir", plain), ("with --state-dir", durable)):
         if r:
             lines.append(f"  {label:20s} {r['median_rate']:8.0f} msg/s  server CPU {r['server_us_per_msg']:.1f} us/msg"
-                         f"  {'all in order' if r['ok'] else 'LOST/UNORDERED'}")
+                         f"  {'all in order' if r['ok'] else 'LOST/UNORDERED'};  round trip {r['rt_median_ms']:.3f} ms"
+                         f" (median), server CPU {r['rt_server_us']:.0f} us/round trip")
     if plain and durable:
         rate_cost = 100 * (1 - durable["median_rate"] / plain["median_rate"])
         cpu_cost = 100 * (durable["server_us_per_msg"] / plain["server_us_per_msg"] - 1)

@@ -97,7 +97,8 @@ class KernelSession:
             self.queue.clear()
         self.channel.event("status", {"status": status, "reason": reason})
         self.supervisor.on_session_status(self, status)
-        self.supervisor.session_changed(self)
+        # busy/idle change with every execute: saved within SAVE_DELAY rather than at once
+        self.supervisor.session_changed(self, soon=status in ("busy", "idle"))
 
     @property
     def running(self):
@@ -495,7 +496,7 @@ class KernelSession:
         log_ = self.channel.log
         client = self.channel.client
         offsets = self.launcher.to_state().get("offsets") if self.launcher is not None else None
-        return (log_.first_seq, log_.next_seq, self.channel.cursor, getattr(client, "delivered", None),
+        return (self.status, log_.first_seq, log_.next_seq, self.channel.cursor, getattr(client, "delivered", None),
                 repr(offsets))
 
     def restore(self, record):
