@@ -62,7 +62,7 @@ def setup_logging(level_name, log_file):
 @argh.arg("--state-dir", help="keep sessions here so that kernels survive a crash of the server and a server "
           "started again on it serves them (also KCGEVENT_STATE_DIR)")
 @argh.arg("--restart-grace", type=float, help="with --state-dir: seconds kernels wait for a server to come back "
-          "before they end (default 60)")
+          "before they end")
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
           socket_dir=None, unix_socket=None, buffer_limit=100_000, buffer_bytes=64 << 20, shutdown_timeout=5.0,

@@ -25,6 +25,7 @@ from .session.resources import ResourceSampler
 from .session.session import KernelSession, rfc3339
 
 log = logging.getLogger(__name__)
+SAVE_DELAY = 0.1  # seconds a busy/idle change may wait before the session's record is saved
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "error": logging.ERROR}
 
@@ -58,8 +59,9 @@ class Supervisor:
         self._sampler = None
         self._idle_watch = None
         self._checkpoint = None
-        self._dirty = set()  # sessions whose record must be saved (at the end of this hub turn)
+        self._dirty = set()  # sessions whose record must be saved
         self._save_scheduled = False
+        self._save_timer = None
 
     # -- registry -------------------------------------------------------------
 
@@ -124,17 +126,24 @@ class Supervisor:
 
     # -- the state dir -------------------------------------------------------
 
-    def session_changed(self, session):
-        """`session`'s record must be saved (once per hub turn, however many changes)."""
+    def session_changed(self, session, soon=False):
+        """`session`'s record must be saved: at the end of this hub turn, or with `soon` within
+        SAVE_DELAY (however many changes meanwhile)."""
         if self.state is None or self.shutting_down:
             return
         self._dirty.add(session)
-        if not self._save_scheduled:
+        if soon:
+            if self._save_timer is None:
+                self._save_timer = gevent.spawn_later(SAVE_DELAY, self._save_dirty)
+        elif not self._save_scheduled:
             self._save_scheduled = True
             gevent.get_hub().loop.run_callback(self._save_dirty)
 
     def _save_dirty(self):
         self._save_scheduled = False
+        if self._save_timer is not None and self._save_timer is not gevent.getcurrent():
+            self._save_timer.kill(block=False)
+        self._save_timer = None
         dirty, self._dirty = self._dirty, set()
         for session in dirty:
             if self.sessions.get(session.session_id) is session and not self.shutting_down:
@@ -169,7 +178,7 @@ class Supervisor:
             session = KernelSession(spec, self, log=log_store)
             self.sessions[saved.session_id] = session
             if saved.record is None:
-                session.status, session.status_reason = "exited", f"not restored: {saved.problem}"
+                session.set_status("exited", f"not restored: {saved.problem}")  # (a client sees why)
                 problems[saved.session_id] = saved.problem
             else:
                 problem = session.restore(saved.record)

@@ -155,3 +155,72 @@ def test_the_guardian_ends_the_tree_when_its_parent_dies(tmp_path):
         server.kill()
         server.wait(5)
         server.stdout.close()
+
+
+def test_delivered_output_gives_its_disk_space_back(tmp_path):
+    code = "import sys\nfor i in range(3000):\n    sys.stdout.write(str(i).rjust(999) + '\\n')\nsys.stdout.flush()\n"
+    launcher, rec = launch(tmp_path, code, durable=True)
+    assert launcher.wait(30) == 0
+    lines = [line for _, line in rec.lines]
+    assert [int(line) for line in lines] == list(range(3000))
+    path = tmp_path / "kernel" / "stdout"
+    assert os.path.getsize(path) == 3000 * 1000  # the kernel's offsets are untouched
+    assert os.stat(path).st_blocks * 512 < 1 << 20, "delivered output still takes its disk space"
+
+
+@pytest.mark.parametrize("code, expected", [("import sys; sys.exit(7)", 7), ("import time; time.sleep(600)", -15)])
+def test_guardian_without_sigtimedwait(tmp_path, code, expected):
+    """macOS has no sigtimedwait: the guardian falls back to handlers and sleeps, and still mirrors the
+    kernel's exit (here a SIGTERM to the guardian ends a sleeping kernel)."""
+    import json
+    import subprocess
+    from kcgevent.session.launcher import GUARDIAN
+    (tmp_path / "argv.json").write_text(json.dumps([PYTHON, "-c", code]))
+    runner = ("import runpy, signal, sys; del signal.sigtimedwait; sys.argv = [sys.argv[0]] + sys.argv[1:]; "
+              f"runpy.run_path({GUARDIAN!r}, run_name='__main__')")
+    guardian = subprocess.Popen([PYTHON, "-I", "-S", "-c", runner, "--dir", str(tmp_path)])
+    try:
+        status = gwait(lambda: json.loads((tmp_path / "status.json").read_text() or "{}")
+                       if (tmp_path / "status.json").exists() else None, 10, "the guardian's report")
+        if expected < 0:
+            guardian.send_signal(signal.SIGTERM)
+        assert guardian.wait(10) == expected
+        wait_gone([status["kernel_pid"]])
+    finally:
+        guardian.kill()
+        guardian.wait(5)
+
+
+def test_capture_merge_relays_the_capture_then_the_live_stream_without_the_overlap(tmp_path):
+    """Pure bookkeeping of iopub_capture.py: a capture file of 5 messages, a live stream starting with
+    the last 2 of them: 8 messages relayed once each, in order."""
+    import struct
+
+    from kcgevent.session import wire
+    from kcgevent.session.iopub_capture import CaptureClaim, CaptureMerge, read_capture
+
+    signer = wire.Signer("key")
+
+    def message(n):
+        header = {"msg_id": f"m{n}", "msg_type": "stream", "session": "s", "username": "u", "date": "",
+                  "version": "5.3"}
+        return wire.serialize(signer, header, {}, {}, {"name": "stdout", "text": f"{n}\n"}, identities=[b"stream"])
+
+    with open(tmp_path / "capture.done", "wb") as f:
+        for n in range(5):
+            frames = message(n)
+            f.write(struct.pack(">I", len(frames)))
+            for frame in frames:
+                f.write(struct.pack(">I", len(frame)) + frame)
+        f.write(b"\x00\x00\x00\x07\x00\x00")  # a torn record at the end is ignored
+    assert len(read_capture(tmp_path / "capture.done")) == 5
+    relayed = []
+    merge = CaptureMerge(CaptureClaim(str(tmp_path)), lambda msg, raw: relayed.append(msg.header["msg_id"]), signer,
+                         "s")
+    for n in (3, 4, 5):
+        merge(*wire.parse_kernel_frames("iopub", message(n), signer))
+    gwait(lambda: merge.state == "live", 5, "the merge")
+    for n in (6, 7):
+        merge(*wire.parse_kernel_frames("iopub", message(n), signer))
+    assert relayed == [f"m{n}" for n in range(8)]
+    assert os.path.exists(tmp_path / "capture.stop") and not os.path.exists(tmp_path / "capture.done")

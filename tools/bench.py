@@ -726,6 +726,20 @@ def bench_durable(opts, workdir, results):
         results[name] = {"median_rate": statistics.median(r["rate"] for r in rs),
                          "server_us_per_msg": statistics.median(1e6 * r["cpu_server_s"] / opts.flood for r in rs),
                          "ok": all(r["ok"] for r in rs), "runs": rs}
+    # Round trips (each execute changes the status twice: busy, idle), interleaved in blocks.
+    times = {name: [] for name in servers}
+    cpu = {name: 0.0 for name in servers}
+    for session in sessions.values():
+        session.open()
+        session.roundtrip("sync")
+    for _ in range(max(1, opts.n // opts.block)):
+        for name, session in sessions.items():
+            before = cpu_seconds(servers[name].pid)
+            times[name] += [session.roundtrip("sync") for _ in range(opts.block)]
+            cpu[name] += cpu_seconds(servers[name].pid) - before
+    for name in servers:
+        results[name]["rt_median_ms"] = 1000 * statistics.median(times[name])
+        results[name]["rt_server_us"] = 1e6 * cpu[name] / len(times[name])
     for session in sessions.values():
         session.close()
 
@@ -734,6 +748,18 @@ def bench_durable(opts, workdir, results):
     ids = [sessions["state_dir"].session_id]
     for i in range(3):
         ids.append(durable.start_session(fake_session_body(f"bench-more{i}-{uuid.uuid4().hex[:6]}")).session_id)
+    # One of them holds a backlog: a flood no client has read (kept on disk, recovered at restart).
+    backlog = KcSession(durable, ids[1])
+    backlog.open()
+    backlog.roundtrip("sync")
+    backlog.ws.send(json.dumps(execute_request(f"flood {opts.backlog}")))
+    backlog.close()
+    deadline = time.monotonic() + 120
+    time.sleep(1)  # (the session is still idle until the kernel takes the request)
+    while durable.client.call("GET", f"/sessions/{ids[1]}")["status"] != "idle":
+        if time.monotonic() > deadline:
+            raise BenchError("the backlog flood did not finish within 120 s")
+        time.sleep(0.1)
     REAPER.snapshot()
     time.sleep(1.2)  # one checkpoint of the records
     durable.process.kill()
@@ -750,7 +776,8 @@ def bench_durable(opts, workdir, results):
     session.roundtrip("sync")
     t_served = now() - t0
     session.close()
-    results["restart"] = {"sessions": len(ids), "to_status_s": t_file, "to_sessions_listed_s": t_listed,
+    results["restart"] = {"sessions": len(ids), "backlog": opts.backlog, "to_status_s": t_file,
+                          "to_sessions_listed_s": t_listed,
                           "to_first_round_trip_s": t_served}
 
 
@@ -761,7 +788,8 @@ def report_durable(results, opts):
     for label, r in (("without --state-dir", plain), ("with --state-dir", durable)):
         if r:
             lines.append(f"  {label:20s} {r['median_rate']:8.0f} msg/s  server CPU {r['server_us_per_msg']:.1f} us/msg"
-                         f"  {'all in order' if r['ok'] else 'LOST/UNORDERED'}")
+                         f"  {'all in order' if r['ok'] else 'LOST/UNORDERED'};  round trip {r['rt_median_ms']:.3f} ms"
+                         f" (median), server CPU {r['rt_server_us']:.0f} us/round trip")
     if plain and durable:
         rate_cost = 100 * (1 - durable["median_rate"] / plain["median_rate"])
         cpu_cost = 100 * (durable["server_us_per_msg"] / plain["server_us_per_msg"] - 1)
@@ -770,7 +798,8 @@ def report_durable(results, opts):
         lines.append(f"  cost: throughput {rate_cost:+.1f}%, server CPU per message {cpu_cost:+.1f}%  "
                      f"({'MET' if met else 'NOT MET'}: <= {TARGET_STATE_DIR_COST_PCT:g}%)")
     if restart:
-        lines.append(f"  restart after SIGKILL ({restart['sessions']} sessions): GET /status answers after "
+        lines.append(f"  restart after SIGKILL ({restart['sessions']} sessions, one with {restart['backlog']} unread "
+                     "messages on disk): GET /status answers after "
                      f"{restart['to_status_s']:.2f} s, sessions listed after {restart['to_sessions_listed_s']:.2f} s, "
                      f"first round trip on a restored session after {restart['to_first_round_trip_s']:.2f} s")
     print("\n".join(lines), flush=True)
@@ -894,6 +923,8 @@ def parse_args(argv=None):
     p.add_argument("--validate-utf8", action="store_true",
                    help="let websocket-client validate UTF-8 in Python (slow; off by default)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, connection files)")
+    p.add_argument("--backlog", type=int, default=100_000,
+                   help="with --durable: unread messages in one session's log at the restart (default 100000)")
     p.add_argument("--durable", action="store_true",
                    help="measure the cost of --state-dir and the restart time instead (see 5. above)")
     opts = p.parse_args(argv)

@@ -18,6 +18,10 @@ import: it starts in a few milliseconds and no kernel environment can break it).
   is ended;
 - with ``--output DIR``, gives the kernel ``DIR/stdout`` and ``DIR/stderr`` (append-only files) instead
   of its own pipes, so a kernel that prints while no supervisor runs never gets EPIPE;
+- with ``--lock``, listens to the kernel's iopub while no supervisor does (once the supervisor wrote
+  ``DIR/iopub.json``: the endpoint, and where pyzmq is), keeping every message in ``DIR/capture``; a
+  supervisor that is back and listening itself creates ``DIR/capture.stop``, and the guardian then
+  hands over ``DIR/capture.done`` (the supervisor relays it and drops the overlap with its own stream);
 - exits with the kernel's status (the same code, or killed by the same signal) after ending whatever
   the kernel left behind.
 """
@@ -42,6 +46,8 @@ except ImportError:  # pragma: no cover - not POSIX
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 TICK = 0.2  # seconds between checks of the supervisor when no signal arrives
+LOCK_TICK = 0.05  # the same with a state dir: the sooner we listen to iopub, the less is lost
+CAPTURE_UNCLAIMED = 30.0  # seconds a capture goes on while a supervisor holds the lock without claiming it
 TERM_WAIT = 2.0  # seconds the tree gets between SIGTERM and SIGKILL
 _FLOCK = "hhqqi4x"  # struct flock on Linux (64-bit off_t)
 
@@ -73,6 +79,74 @@ def lock_held(path):
         return True  # cannot tell: do not end kernels on a doubt
     finally:
         os.close(fd)
+
+
+class Capture:
+    """The kernel's iopub, kept in a file while no supervisor listens (records: frame count, then each
+    frame as length + bytes; big-endian 4-byte integers).
+
+    Made ready while the supervisor runs (pyzmq loaded, connected, but not subscribed: the kernel's PUB
+    then sends us nothing), so that `start()` at the supervisor's death only has to subscribe.
+    """
+
+    def __init__(self, directory):
+        with open(os.path.join(directory, "iopub.json")) as f:
+            config = json.load(f)
+        for path in config.get("pythonpath") or []:
+            if path not in sys.path:
+                sys.path.append(path)
+        import zmq
+        self.zmq = zmq
+        self.directory = directory
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.SUB)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.connect(config["url"])
+        self.file = None
+
+    def start(self):
+        self.socket.setsockopt(self.zmq.SUBSCRIBE, b"")
+        fd = os.open(os.path.join(self.directory, "capture"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self.file = os.fdopen(fd, "ab")
+
+    def pump(self, timeout):
+        """Keep what arrives within `timeout` seconds (and whatever is already there)."""
+        zmq = self.zmq
+        if self.socket.poll(int(timeout * 1000)):
+            while True:
+                try:
+                    frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self.file.write(struct.pack(">I", len(frames)))
+                for frame in frames:
+                    self.file.write(struct.pack(">I", len(frame)))
+                    self.file.write(frame)
+            self.file.flush()
+
+    def finish(self):
+        """Hand the capture over (the supervisor listens itself now)."""
+        self.pump(0)
+        self.file.close()
+        self.socket.close(0)
+        self.context.term()
+        os.replace(os.path.join(self.directory, "capture"), os.path.join(self.directory, "capture.done"))
+        try:
+            os.unlink(os.path.join(self.directory, "capture.stop"))
+        except OSError:
+            pass
+
+
+def prepare_capture(directory):
+    """A Capture made ready; None while the supervisor has not said where iopub is; False if it cannot
+    be made (no pyzmq...): then the gap stays as wide as the supervisor's absence."""
+    if not os.path.exists(os.path.join(directory, "iopub.json")):
+        return None
+    try:
+        return Capture(directory)
+    except Exception:  # never let listening cost the kernel its guardian
+        return False
 
 
 def descendants(root):
@@ -182,11 +256,15 @@ def main(args):
     options, argv = parse(args)
     directory = options["dir"]
     parent = os.getppid()
+    watched = [signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1]
+    wait_signal = signal_waiter(watched)
     if options["lock"]:
-        prctl(PR_SET_PDEATHSIG, 0)  # our supervisor may die; the lock tells whether one is back
+        # Our supervisor may die and come back; the lock tells. Its death wakes us at once (SIGUSR1),
+        # so that we listen to iopub as early as we can.
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1))
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGUSR1)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
-    watched = [signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP]
-    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, our group mate
     try:
         kernel = spawn(argv, options["output"])
@@ -200,6 +278,8 @@ def main(args):
         os.dup2(null, 2)
     orphaned_since = None
     ending = None  # monotonic time of the SIGTERM to the tree, once we decided to end it
+    capture, claimed_wait, standby = None, None, None
+    tick = LOCK_TICK if options["lock"] else TICK
     while True:
         status = reap(kernel)
         if status is not None:
@@ -217,16 +297,60 @@ def main(args):
                 orphaned_since = None
             elif orphaned_since is None:
                 orphaned_since = now
+            if options["lock"]:
+                if alive and capture is None and standby is None:
+                    standby = prepare_capture(directory)
+                if not alive and capture is None and standby and \
+                        not os.path.exists(os.path.join(directory, "capture.done")):
+                    capture, standby = standby, None
+                    claimed_wait = None
+                    try:
+                        capture.start()
+                    except Exception:
+                        capture = None
+                elif alive and capture is not None:
+                    claimed_wait = claimed_wait or now
+                    if os.path.exists(os.path.join(directory, "capture.stop")) or \
+                            now - claimed_wait > CAPTURE_UNCLAIMED:
+                        capture.finish()
+                        capture = None
             if orphaned_since is not None and now - orphaned_since >= options["grace"]:
                 ending = now
                 signal_tree(kernel, signal.SIGTERM)
         elif now - ending >= TERM_WAIT:
             signal_tree(kernel, signal.SIGKILL)
-        got = signal.sigtimedwait(watched, TICK)
-        if got is not None and got.si_signo in (signal.SIGTERM, signal.SIGHUP) and ending is None:
-            if not options["lock"] or got.si_signo == signal.SIGTERM:
+        if capture is not None:
+            capture.pump(tick)
+            signo = wait_signal(0)
+        else:
+            signo = wait_signal(tick)
+        if signo in (signal.SIGTERM, signal.SIGHUP) and ending is None:
+            if not options["lock"] or signo == signal.SIGTERM:
                 ending = time.monotonic()
                 signal_tree(kernel, signal.SIGTERM)
+
+
+def signal_waiter(signals):
+    """A function waiting up to `timeout` s for one of `signals`; returns its number or None.
+
+    sigtimedwait where there is one (Linux); elsewhere (macOS) handlers and a sleep that a signal cuts
+    short at most by TICK."""
+    if hasattr(signal, "sigtimedwait"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+        def wait(timeout):
+            got = signal.sigtimedwait(signals, timeout)
+            return got.si_signo if got is not None else None
+        return wait
+    received = []
+    for sig in signals:
+        signal.signal(sig, lambda signo, _frame: received.append(signo))
+
+    def wait(timeout):
+        if not received:
+            time.sleep(timeout)
+        return received.pop(0) if received else None
+    return wait
 
 
 def end_tree(kernel):

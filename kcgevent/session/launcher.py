@@ -24,6 +24,7 @@ import psutil
 from gevent.event import Event
 
 from . import process as proc_mod
+from .iopub_capture import CaptureClaim
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,23 @@ TAIL_INTERVAL = 0.05  # seconds between looks at the output files while output f
 TAIL_IDLE_INTERVAL = 0.25  # ... and while it does not
 TAIL_CHUNK = 1 << 16
 EXIT_POLL = 0.2  # seconds between checks of a restored kernel without pidfd support
+PUNCH_EVERY = 1 << 20  # give back the disk space of delivered output each time this much more was read
+
+try:  # Linux: fallocate(PUNCH_HOLE) frees delivered output without moving the kernel's write offset
+    import ctypes
+    _fallocate = ctypes.CDLL(None, use_errno=True).fallocate if sys.platform.startswith("linux") else None
+    if _fallocate is not None:
+        _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+except (ImportError, OSError, AttributeError):  # pragma: no cover
+    _fallocate = None
+_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+
+
+def _punch(fd, length):
+    """Free the first `length` bytes (whole 4 KiB blocks) of a file; best effort."""
+    length &= ~4095
+    if _fallocate is not None and length > 0:
+        _fallocate(fd, _FALLOC_PUNCH, 0, length)
 
 
 @dataclasses.dataclass
@@ -141,6 +159,15 @@ class KernelLauncher(abc.ABC):
         """What the kernel printed while starting, for a StartupError ("\\n"-joined lines)."""
         return ""
 
+    def kernel_connected(self, connection_info):
+        """The session is connected to the kernel (`connection_info`: its ZeroMQ endpoints and key).
+        A launcher that can listen to iopub while no supervisor runs learns where from this."""
+
+    def iopub_capture(self):
+        """After a restore: a CaptureClaim (iopub_capture.py) for what was kept of the kernel's iopub
+        while no supervisor listened, or None if this launcher keeps nothing."""
+        return None
+
     def describe_failure(self, kind):
         """The StartupError `details` for a kernel that exited ("exit") or did not connect ("connect")."""
         return "Kernel failed to start" if kind == "exit" else "Kernel failed to connect to ZeroMQ sockets"
@@ -222,8 +249,10 @@ class LocalLauncher(KernelLauncher):
         self._exit_code = None
         self._exited = Event()
         self._starting = False
+        self._failed = False
         self._offsets = {"stdout": 0, "stderr": 0}  # bytes of each output file delivered
         self._partial = {"stdout": b"", "stderr": b""}
+        self._punched = {"stdout": 0, "stderr": 0}
         self._tail = None
         self._watch = None
 
@@ -255,6 +284,9 @@ class LocalLauncher(KernelLauncher):
                 self._await_guardian_report()
             else:
                 self._kernel_pid = self._process.pid
+        except LaunchError:
+            self._failed = True  # its exit is not the session's business
+            raise
         finally:
             self._starting = False
         if self.durable:
@@ -311,7 +343,7 @@ class LocalLauncher(KernelLauncher):
         got = False
         for stream in ("stdout", "stderr"):
             try:
-                fd = os.open(os.path.join(self.workdir, stream), os.O_RDONLY)
+                fd = os.open(os.path.join(self.workdir, stream), os.O_RDWR)
             except OSError:
                 continue
             try:
@@ -321,8 +353,10 @@ class LocalLauncher(KernelLauncher):
                         break
                     got = True
                     self._deliver_chunk(stream, self._partial[stream] + chunk)
-                    if final is False:
-                        gevent.sleep(0)  # a flood must not hold the hub
+                    gevent.sleep(0)  # a flood must not hold the hub
+                if self._offsets[stream] - self._punched[stream] >= PUNCH_EVERY:
+                    _punch(fd, self._offsets[stream])  # the file stays append-only; its disk use stays bounded
+                    self._punched[stream] = self._offsets[stream]
             finally:
                 os.close(fd)
             if final and self._partial[stream]:
@@ -354,7 +388,7 @@ class LocalLauncher(KernelLauncher):
     # -- exit -----------------------------------------------------------------------------------
 
     def _on_process_exit(self, code):
-        if self._starting and not self._kernel_pid:
+        if self._failed or (self._starting and not self._kernel_pid):
             return  # start() reports this failure itself
         self._finish(code)
 
@@ -432,7 +466,8 @@ class LocalLauncher(KernelLauncher):
         self._remove_files()
 
     def _remove_files(self):
-        for name in ("status.json", "argv.json", "stdout", "stderr"):
+        for name in ("status.json", "argv.json", "stdout", "stderr", "iopub.json", "capture", "capture.done",
+                     "capture.stop"):
             try:
                 os.unlink(os.path.join(self.workdir, name))
             except OSError:
@@ -440,6 +475,23 @@ class LocalLauncher(KernelLauncher):
 
     def startup_output(self):
         return self._process.startup_output() if self._process is not None else ""
+
+    def kernel_connected(self, connection_info):
+        if not (self.durable and USE_GUARDIAN and self.lock):
+            return
+        import zmq  # where the guardian finds pyzmq, should it have to listen to iopub itself
+        transport = connection_info.get("transport", "tcp")
+        url = (f"tcp://{connection_info['ip']}:{connection_info['iopub_port']}" if transport == "tcp"
+               else f"{transport}://{connection_info['ip']}-{connection_info['iopub_port']}")
+        content = {"url": url, "pythonpath": [os.path.dirname(os.path.dirname(os.path.abspath(zmq.__file__)))]}
+        tmp = os.path.join(self.workdir, "iopub.json.tmp")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            json.dump(content, f)
+        os.replace(tmp, os.path.join(self.workdir, "iopub.json"))
+
+    def iopub_capture(self):
+        claim = CaptureClaim(self.workdir)
+        return claim if self.durable and USE_GUARDIAN and claim.pending() else None
 
     def describe_failure(self, kind):
         if self._process is not None:

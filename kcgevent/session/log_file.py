@@ -146,6 +146,10 @@ class FileLog:
         if seq > self._first_seq:
             self._first_seq = seq
 
+    def flush(self):
+        """Write what is pending now (before recording `next_seq` anywhere that outlives us)."""
+        self._flush()
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self):

@@ -21,6 +21,7 @@ from . import wire
 from .channel import Channel
 from .execution_queue import ExecutionQueue
 from .handshake import HandshakeFailed, NoHandshake, Registration, SilentKernelProbe, wants_handshake
+from .iopub_capture import CaptureMerge
 from .kernel import KernelConnectError, KernelConnection
 from .launcher import LaunchError, LaunchRequest
 
@@ -96,7 +97,8 @@ class KernelSession:
             self.queue.clear()
         self.channel.event("status", {"status": status, "reason": reason})
         self.supervisor.on_session_status(self, status)
-        self.supervisor.session_changed(self)
+        # busy/idle change with every execute: saved within SAVE_DELAY rather than at once
+        self.supervisor.session_changed(self, soon=status in ("busy", "idle"))
 
     @property
     def running(self):
@@ -249,6 +251,8 @@ class KernelSession:
             conn.close()
             raise
         self.connection = conn
+        if self.launcher is not None:
+            self.launcher.kernel_connected(info)
         self.kernel_info = reply or {}
         self._adopt_prompts(self.kernel_info)
         for msg, raw in early:
@@ -463,6 +467,7 @@ class KernelSession:
         self._busy_verb = "adopt"
         timeout = float(self.spec.get("connection_timeout") or 30)
         self.set_status("starting", "adopt API called")
+        self.launcher = None  # (a kernel we did not start: no launcher)
         try:
             reply = self._connect(dict(info), timeout, lambda: None)
         except KernelConnectError as exc:
@@ -490,6 +495,8 @@ class KernelSession:
     def to_record(self):
         """What a restarted server needs to serve this session again (JSON-able)."""
         channel = self.channel
+        if hasattr(channel.log, "flush"):
+            channel.log.flush()  # the seqs recorded here are on disk
         client = channel.client
         cursor = channel.cursor
         if client is not None and not client.with_seq:
@@ -509,7 +516,7 @@ class KernelSession:
         log_ = self.channel.log
         client = self.channel.client
         offsets = self.launcher.to_state().get("offsets") if self.launcher is not None else None
-        return (log_.first_seq, log_.next_seq, self.channel.cursor, getattr(client, "delivered", None),
+        return (self.status, log_.first_seq, log_.next_seq, self.channel.cursor, getattr(client, "delivered", None),
                 repr(offsets))
 
     def restore(self, record):
@@ -537,8 +544,9 @@ class KernelSession:
         self.status, self.status_reason = status, record.get("status_reason")
         if status not in RUNNING:
             return problem
-        self.channel.event("outputGap", {"reason": "The supervisor restarted: what the kernel published while "
-                                         "no supervisor was listening is lost"})
+        self.channel.event("outputGap", {"reason": "The supervisor restarted: what the kernel published on "
+                                         "iopub between the supervisor's end and its guardian's first "
+                                         "listening may be lost"})
         launcher_state = record.get("launcher")
         if launcher_state is not None:
             token = self._exit_token = object()
@@ -580,9 +588,15 @@ class KernelSession:
         def exited():
             return "the kernel exited" if launcher is not None and launcher.poll() is not None else None
 
+        relay = self._on_kernel_message
+        capture = launcher.iopub_capture() if launcher is not None else None
+        if capture is not None:
+            relay = CaptureMerge(capture, relay, conn.signer, self.session_id)
         reply = None
         try:
-            reply = conn.kernel_info(timeout, exited, self._on_kernel_message)
+            reply = conn.kernel_info(timeout, exited, relay)
+            if capture is not None:
+                relay.iopub_live()  # kernel_info saw our own subscription deliver
         except KernelConnectError as exc:
             log.warning("session %s: no kernel_info from the kernel after the restart (%s); relaying anyway",
                         self.session_id, exc)
@@ -592,7 +606,7 @@ class KernelSession:
             self.kernel_info = reply
             if self.status in ("busy", "offline"):
                 self.set_status("idle", "kernel_info_reply after a supervisor restart")
-        conn.start_pump(self._on_kernel_message)
+        conn.start_pump(relay)
         config = self.supervisor.config
         conn.start_heartbeat(self._on_heartbeat, config.heartbeat_interval, config.heartbeat_timeout)
 
