@@ -153,7 +153,7 @@ class KernelLauncher(abc.ABC):
         return None
 
     def shutdown_requested(self, restart=False):
-        """The session has just sent the kernel a shutdown_request (a provisioner may need to know)."""
+        """The session is about to send the kernel a shutdown_request (a provisioner may need to know)."""
 
     def startup_output(self):
         """What the kernel printed while starting, for a StartupError ("\\n"-joined lines)."""

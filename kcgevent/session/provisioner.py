@@ -221,13 +221,15 @@ class ProvisionerLauncher(KernelLauncher):
         self.send_signal(signal.SIGINT)
 
     def shutdown_requested(self, restart=False):
-        """The kernel was sent a shutdown_request: tell the provisioner.
+        """The kernel is about to get a shutdown_request: tell the provisioner.
 
-        A remote kernel also gets SIGTERM (through its launcher) first, as Enterprise Gateway does
-        (enterprise_gateway#707): measured with gateway_provisioners 0.5 and ipykernel 7.4, the
-        launcher process stays alive after the kernel answered the shutdown_request, while its
-        listener is gone so that poll() says it exited; jupyter_client's own KernelManager leaves
-        such a process behind at every restart and shutdown."""
+        A remote kernel also gets SIGTERM (through its launcher's listener) first, as Enterprise
+        Gateway does (enterprise_gateway#707). Measured with gateway_provisioners 0.5 and ipykernel
+        7.4: after the kernel has handled a shutdown_request its launcher process stays alive, while
+        the listener is gone (ipykernel ends its child processes when it shuts down), so poll() says
+        it exited and nothing can signal it any more; jupyter_client's own KernelManager leaves such
+        a process behind at every restart and shutdown. Hence the SIGTERM goes before the request,
+        while the listener is still there to deliver it."""
         if self._exited.is_set():
             return
         if self.provisioner not in LOCAL_PROVISIONERS:

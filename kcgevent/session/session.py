@@ -427,9 +427,9 @@ class KernelSession:
         self.queue.clear()
         launcher = self.launcher
         if launcher is not None and launcher.poll() is None:
+            launcher.shutdown_requested(restart=True)
             if self.connection is not None:
                 self.connection.send("control", "shutdown_request", {"restart": True})
-            launcher.shutdown_requested(restart=True)
             if launcher.wait(self.supervisor.config.shutdown_timeout) is None:
                 launcher.kill()
                 launcher.wait(5)
@@ -440,12 +440,12 @@ class KernelSession:
     def request_shutdown(self):
         """Ask a running kernel to exit (server shutdown); True if one was asked."""
         if self.connection is not None:
+            if self.launcher is not None and self.launcher.poll() is None:
+                self.launcher.shutdown_requested(restart=False)
             try:
                 self.connection.send("control", "shutdown_request", {"restart": False})
             except Exception:  # the socket may already be gone
                 log.debug("session %s: shutdown_request not sent", self.session_id, exc_info=True)
-            if self.launcher is not None and self.launcher.poll() is None:
-                self.launcher.shutdown_requested(restart=False)
             return True
         return False
 
