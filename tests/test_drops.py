@@ -246,3 +246,112 @@ def test_single_drop_and_handover_mid_output(transport_server, with_after):
     finally:
         a.close()
         b.close()
+
+
+def test_eighty_rapid_reconnects_racing_the_writer(server):
+    """Each client leaves (FIN) after a few frames and the next connects at once, while the old one
+    is still being settled: no line repeated or lost, `connected` true whenever a client is on."""
+    session_id = python_session(server)
+    seed = seed_for_test()
+    rng = random.Random(seed)
+    lines = 10_000
+    request = execute_request(paced_cell(lines))
+    outputs = []  # one Output per connection, in connection order
+    drains = []
+    not_connected = []
+    ws = None
+    try:
+        for number in range(81):
+            output = Output(request, with_after=False)
+            outputs.append(output)
+            ws = server.client.open_channel(session_id)
+            if not get_session(server, session_id)["connected"]:
+                not_connected.append(number)
+            if number == 0:
+                ws.send(json.dumps(request))
+            if number == 80:
+                break
+            wanted = rng.randrange(1, 40)
+            got = 0
+            while got < wanted and not any(o.idle for o in outputs):
+                frame = next_frame(ws, 0.5 if number else 30)
+                if frame is None:
+                    break
+                output.take(frame)
+                got += 1
+            drains.append(gevent.spawn(drop, ws, output))
+        read_until(ws, outputs[-1], lambda: any(o.idle for o in outputs))
+        gevent.joinall(drains, timeout=60, raise_error=True)
+    finally:
+        if ws is not None:
+            ws.close()
+    whole = Output(request, with_after=False)
+    for number, output in enumerate(outputs):
+        whole.texts += output.texts
+        whole.per_connection.append((number, len(output.texts)))
+    whole.check(lines, seed)
+    assert not not_connected, f"seed={seed}: `connected` was false with a client attached: {not_connected}"
+
+
+def test_execute_requests_sent_right_before_a_takeover_all_reach_the_kernel(server):
+    """A client sends a burst of execute requests and is replaced at once: every request reaches the
+    kernel (its reply comes back to one of the two clients), and the server log stays clean."""
+    from conftest import fake_kernel_session
+    session_id = new_id("fake")
+    start_session(server.client, fake_kernel_session(session_id))
+    for round_ in range(5):
+        a = server.client.open_channel(session_id)
+        requests = [execute_request(f"print r{round_}-{i}") for i in range(200)]
+        for request in requests:
+            a.send(json.dumps(request))
+        b = server.client.open_channel(session_id)  # takeover right behind the burst
+        wanted = {r["header"]["msg_id"] for r in requests}
+        seen = set()
+
+        def take(frame):
+            if frame.get("kind") == "jupyter" and frame["header"]["msg_type"] == "execute_reply":
+                seen.add(frame["parent_header"]["msg_id"])
+
+        while True:
+            frame = next_frame(a, 30)
+            if frame is None:
+                break
+            take(frame)
+        deadline = time.monotonic() + 60
+        while not wanted <= seen:
+            assert time.monotonic() < deadline, f"round {round_}: {len(wanted - seen)} of 200 never answered"
+            frame = next_frame(b, max(0.1, deadline - time.monotonic()))
+            assert frame is not None, "B's connection closed"
+            take(frame)
+        a.close()
+        b.close()
+    with open(server.log_file) as f:
+        text = f.read()
+    for bad in ("Invalid HTTP", "BrokenPipe", "Traceback"):
+        assert bad not in text, f"{bad!r} in the server log:\n{text[-3000:]}"
+
+
+def test_frames_sent_right_behind_the_upgrade_request_are_delivered(server):
+    """A client that pipelines a frame behind its upgrade request (before the 101 comes back)."""
+    from conftest import fake_kernel_session
+    session_id = new_id("fake")
+    start_session(server.client, fake_kernel_session(session_id))
+    request = execute_request("print pipelined")
+    frame = websocket.ABNF.create_frame(json.dumps(request), websocket.ABNF.OPCODE_TEXT).format()
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    port = server.info["port"]
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall((f"GET /sessions/{session_id}/channels HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode() + frame)
+        received = b""
+        deadline = time.monotonic() + 20
+        while b"pipelined" not in received:
+            assert time.monotonic() < deadline, f"no answer to the pipelined frame: {received[-300:]!r}"
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed: {received[-300:]!r}"
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 101")
+    finally:
+        sock.close()
