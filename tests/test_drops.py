@@ -49,11 +49,15 @@ def socket_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(params=["tcp", "socket"])
-def transport_server(request, socket_dir, start_server):
-    if request.param == "tcp":
+def server_on(transport, socket_dir, start_server):
+    if transport == "tcp":
         return start_server("--transport", "tcp")
     return start_server("--transport", "socket", "--socket-dir", socket_dir)
+
+
+@pytest.fixture(params=["tcp", "socket"])
+def transport_server(request, socket_dir, start_server):
+    return server_on(request.param, socket_dir, start_server)
 
 
 def python_session(server):
@@ -202,22 +206,23 @@ def test_twenty_drops_with_after_every_line_exactly_once(server):
     output.check(10_000, seed)
 
 
-@pytest.mark.parametrize("with_after", [False, True], ids=["legacy", "after"])
-def test_single_drop_and_handover_mid_output(transport_server, with_after):
-    server = transport_server
+@pytest.mark.parametrize("transport,with_after", [("tcp", False), ("socket", False), ("tcp", True)],
+                         ids=["tcp-legacy", "socket-legacy", "tcp-after"])
+def test_single_drop_and_handover_mid_output(socket_dir, start_server, transport, with_after):
+    server = server_on(transport, socket_dir, start_server)
     session_id = python_session(server)
     seed = seed_for_test()
     # one drop
-    output = run_with_drops(server, session_id, 3000, 1, with_after=with_after, seed=seed)
-    output.check(3000, seed)
+    output = run_with_drops(server, session_id, 2000, 1, with_after=with_after, seed=seed)
+    output.check(2000, seed)
 
     # a handover: B connects while A is attached and reading (A reads on until the server closes it)
-    lines = 3000
+    lines = 2000
     request = execute_request(paced_cell(lines))
     output = Output(request, with_after)
     a = connect(server, session_id, output)
     a.send(json.dumps(request))
-    point = random.Random(seed).randrange(500, 2500)
+    point = random.Random(seed).randrange(300, 1700)
     read_until(a, output, lambda: output.lines >= point)
     opening = gevent.spawn(connect, server, session_id, output)  # ?after= the last seq A has now
     frames_a = []

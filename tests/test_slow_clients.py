@@ -85,7 +85,7 @@ def lines_of(frames, request):
 
 @pytest.mark.parametrize("bounded", [False, True], ids=["all-kept", "buffer-bound"])
 def test_a_client_that_stops_reading_is_dropped_and_every_frame_is_accounted_for(start_server, bounded):
-    flood = 100_000
+    flood = 50_000
     args = ["--transport", "tcp", "--ping-interval", "0.5"]
     if bounded:
         args += ["--buffer-limit", "3000"]
@@ -138,7 +138,7 @@ def test_the_buffer_is_bounded_in_bytes(start_server):
     server = start_server("--transport", "tcp", "--buffer-bytes", str(bound))
     session_id = start_fake(server)
     channel = Channel(server.client.open_channel(session_id))
-    request = channel.execute("sleep 0.5\nflood 100000")  # ~20 MB of frames while nobody listens
+    request = channel.execute("sleep 0.5\nflood 50000")  # ~20 MB of frames while nobody listens
     channel.close()
     wait_for(lambda: get_session(server, session_id)["status"] == "busy", 10, what="busy")
     wait_idle(server, session_id)
@@ -169,7 +169,7 @@ def test_delivered_frames_are_freed_and_memory_returns_when_the_session_goes(sta
 
     # Delivered output is not kept: a client resuming from the start learns it is gone.
     channel = Channel(server.client.open_channel(reader_id))
-    request = channel.execute("flood 100000")
+    request = channel.execute("flood 60000")
     try:
         channel.until_idle(request, timeout=120)
     finally:
@@ -178,19 +178,19 @@ def test_delivered_frames_are_freed_and_memory_returns_when_the_session_goes(sta
     try:
         first = again.recv(10)
         assert first.get("messagesDropped"), f"delivered frames were all kept: {first}"
-        assert first["messagesDropped"]["last_seq"] > 60_000, first  # at most 8 MiB of them stay
+        assert first["messagesDropped"]["last_seq"] > 30_000, first  # at most 8 MiB of them stay
     finally:
         again.close()
 
     # Output nobody took is kept (up to the bounds) ... and given back when the session goes.
     base = rss_mib(server)
     channel = Channel(server.client.open_channel(away_id))
-    channel.execute("sleep 0.5\nflood 200000")
+    channel.execute("sleep 0.5\nflood 100000")
     channel.close()
     wait_for(lambda: get_session(server, away_id)["status"] == "busy", 10, what="busy")
     wait_idle(server, away_id, timeout=120)
     held = rss_mib(server)
-    assert held > base + 20, f"RSS {base:.0f} -> {held:.0f} MiB: 200,000 frames were not held?"
+    assert held > base + 20, f"RSS {base:.0f} -> {held:.0f} MiB: 100,000 frames were not held?"
     server.client.call("POST", f"/sessions/{away_id}/kill")
     wait_for(lambda: get_session(server, away_id)["status"] == "exited", 20, what="exited")
     server.client.call("DELETE", f"/sessions/{away_id}")
