@@ -233,7 +233,9 @@ class WebSocket:
         self._progress_at = time.monotonic()
         try:
             while sent < total:
-                timer = gevent.Timeout(self.send_timeout, _Stalled) if self.send_timeout else None
+                # (the first send() usually takes everything: no timer for it; the pinger watches
+                # `write_stalled_for` and drops a peer that takes nothing at all)
+                timer = gevent.Timeout(self.send_timeout, _Stalled) if sent and self.send_timeout else None
                 if timer is not None:
                     timer.start()
                 try:
