@@ -370,7 +370,10 @@ class Channel:
             cursor = self.cursor if after is None else max(int(after) + 1, 1)
             cursor = min(cursor, self.log.next_seq)
             if cursor < self.log.first_seq:
-                ws.send(gap_notice(cursor, self.log.first_seq - 1))
+                try:
+                    ws.send(gap_notice(cursor, self.log.first_seq - 1))
+                except ConnectionClosed:
+                    pass  # gone already: its reader and writer see it and settle its end
                 cursor = self.log.first_seq
             client = Client(self, ws, cursor, with_seq=after is not None)
             self.client = client
