@@ -372,9 +372,9 @@ class Channel:
             if cursor < self.log.first_seq:
                 try:
                     ws.send(gap_notice(cursor, self.log.first_seq - 1))
+                    cursor = self.log.first_seq
                 except ConnectionClosed:
-                    pass  # gone already: its reader and writer see it and settle its end
-                cursor = self.log.first_seq
+                    pass  # gone already: its end is settled as usual, and the next client is told
             client = Client(self, ws, cursor, with_seq=after is not None)
             self.client = client
             client.writer = gevent.spawn(client.run_writer)
