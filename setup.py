@@ -34,6 +34,7 @@ setup(
         "psutil>=5.9",
         "wsproto>=1.2",
         "websocket-client>=1.6",
+        "jupyter_client>=8",  # kernelspec discovery (kernel_name, `kcgevent kernelspecs`) and provisioners
     ],
     extras_require={
         "test": [
@@ -47,7 +48,11 @@ setup(
             "schemathesis>=4.0",
             "apispec>=6.0",
             "gunicorn>=22",
+            "gateway_provisioners[k8s]>=0.5",  # = the "remote" extra: the SSH and Kubernetes tests run
         ],
+        # kernels launched by gateway_provisioners (SSH "distributed", Kubernetes; add
+        # gateway_provisioners[docker] or [yarn] for those)
+        "remote": ["gateway_provisioners[k8s]>=0.5"],
         "bench": ["ipykernel>=6", "jupyter_client>=8"],
     },
     entry_points={"console_scripts": ["kcgevent = kcgevent.__main__:main"]},

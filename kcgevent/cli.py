@@ -4,6 +4,7 @@ With no subcommand the arguments are kcserver's (so existing launchers work
 unchanged); `run` and `sessions` are client commands for people and scripts.
 """
 import logging
+import os
 import sys
 
 import argh
@@ -52,11 +53,18 @@ def setup_logging(level_name, log_file):
 @argh.arg("--socket-dir", help="directory for the Unix sockets we create")
 @argh.arg("--unix-socket", help="serve HTTP on this Unix socket path")
 @argh.arg("--buffer-limit", type=int, help="frames kept per session for clients that are away")
+@argh.arg("--buffer-bytes", type=int, help="bytes of frames kept per session for clients that are away "
+          "(default 64 MiB)")
 @argh.arg("--shutdown-timeout", type=float, help="seconds kernels get to exit at shutdown before being killed")
-@argh.arg("--ping-interval", type=float, help="seconds between WebSocket pings (a client missing 4 is dropped)")
+@argh.arg("--ping-interval", type=float, help="seconds between WebSocket pings (a client missing 4, or whose "
+          "socket takes nothing for 3 intervals, is dropped)")
 @argh.arg("--heartbeat-interval", type=float, help="seconds between kernel heartbeats")
 @argh.arg("--heartbeat-timeout", type=float, help="seconds without a heartbeat reply before a kernel is offline")
 @argh.arg("--idle-shutdown-seconds", type=float, help="like --idle-shutdown-hours, in seconds (for tests)")
+@argh.arg("--state-dir", help="keep sessions here so that kernels survive a crash of the server and a server "
+          "started again on it serves them (also KCGEVENT_STATE_DIR)")
+@argh.arg("--restart-grace", type=float, help="with --state-dir: seconds kernels wait for a server to come back "
+          "before they end")
 @argh.arg("--max-body-bytes", type=int, help="largest HTTP request body accepted (larger: 413)")
 @argh.arg("--max-message-bytes", type=int, help="largest channel message accepted (larger: WebSocket close 1009)")
 @argh.arg("--http-timeout", type=float, help="seconds before an idle or half-sent HTTP connection is closed")
@@ -65,19 +73,22 @@ def setup_logging(level_name, log_file):
           help="how started kernels listen: ipc (private Unix sockets; default on POSIX) or tcp (127.0.0.1)")
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
-          socket_dir=None, unix_socket=None, buffer_limit=100_000, shutdown_timeout=5.0, ping_interval=10.0,
-          heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, max_body_bytes=16 * 1024 * 1024,
-          max_message_bytes=64 * 1024 * 1024, http_timeout=60.0, access_log=False, kernel_transport=None,
-          version=False):
+          socket_dir=None, unix_socket=None, buffer_limit=100_000, buffer_bytes=64 << 20, shutdown_timeout=5.0,
+          ping_interval=10.0, heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None,
+          state_dir=None, restart_grace=60.0, max_body_bytes=16 * 1024 * 1024, max_message_bytes=64 * 1024 * 1024,
+          http_timeout=60.0, access_log=False, kernel_transport=None, version=False):
     """Run the kernel supervisor server."""
     if version:
         print(f"kcgevent {__version__} (Kallichore API {VERSION})")
         return
     config = ServerConfig(idle_shutdown_hours=idle_shutdown_hours,
                           resource_sample_interval_ms=max(0, resource_sample_interval),
-                          log_level=log_level, buffer_limit=buffer_limit, shutdown_timeout=shutdown_timeout,
+                          log_level=log_level, buffer_limit=buffer_limit, buffer_bytes=buffer_bytes,
+                          shutdown_timeout=shutdown_timeout,
                           ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
                           heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds,
+                          state_dir=state_dir or os.environ.get("KCGEVENT_STATE_DIR") or None,
+                          restart_grace=max(0.0, restart_grace),
                           max_body_bytes=max_body_bytes, max_message_bytes=max_message_bytes,
                           http_timeout=http_timeout if http_timeout > 0 else None, access_log=access_log)
     if kernel_transport:
@@ -95,13 +106,14 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    from .newcomer import run, sessions
-    if argv and argv[0] in ("run", "sessions"):
+    from .newcomer import kernelspecs, run, sessions
+    if argv and argv[0] in ("run", "sessions", "kernelspecs"):
         parser = argh.ArghParser(prog="kcgevent")
-        parser.add_commands([run, sessions])
+        parser.add_commands([run, sessions, kernelspecs])
         parser.dispatch(argv)
     else:
         parser = argh.ArghParser(prog="kcgevent", description="A durable supervisor for Jupyter kernels. "
-                                 "Client commands: 'kcgevent run --help', 'kcgevent sessions --help'.")
+                                 "Client commands: 'kcgevent run --help', 'kcgevent sessions --help', "
+                                 "'kcgevent kernelspecs --help'.")
         parser.set_default_command(serve)
         parser.dispatch(argv)

@@ -14,6 +14,7 @@ class ServerConfig:
     resource_sample_interval_ms: int = 1000
     log_level: str | None = None
     buffer_limit: int = 100_000  # frames kept per session for clients
+    buffer_bytes: int = 64 << 20  # bytes of frames kept per session for clients (the newest frame always)
     shutdown_timeout: float = 5.0  # seconds kernels get to exit before their trees are killed
     ping_interval: float = 10.0
     heartbeat_interval: float = 2.0
@@ -26,3 +27,5 @@ class ServerConfig:
     # How kernels we start (connection-file kernels) listen: "ipc" (Unix sockets in our private directory,
     # unreachable for other local users) or "tcp" (127.0.0.1 ports). Windows has no ipc transport.
     kernel_transport: str = "tcp" if os.name == "nt" else "ipc"
+    state_dir: str | None = None  # where sessions survive the server (None: they end with it)
+    restart_grace: float = 60.0  # seconds kernels wait for a server to come back to the state dir

@@ -431,6 +431,7 @@ def test_server_frames():
         {"clientDisconnected": "Another client is connecting to this session."},
         {"handshakeCompleted": ["s", info]},
         {"messagesDropped": {"count": 2, "first_seq": 10, "last_seq": 11}},
+        {"outputGap": {"reason": "The supervisor restarted"}},
         {"error": {"code": "bad_frame", "message": "not JSON"}},
     ]:
         assert v.is_valid({"kind": "kernel"} | event), event

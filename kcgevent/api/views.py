@@ -11,6 +11,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from .. import kernelspecs
 from ..errors import ApiError, StartupError
 from .auth import CHALLENGE, authorized
 from .channels import serve_channel
@@ -84,8 +85,10 @@ def startup_error(exc):
     return response
 
 
-def load_body(name, required=True):
-    """Validate the JSON body against schema `name`; a clear 400 when it doesn't fit."""
+def load_body(name, required=True, prepare=None):
+    """Validate the JSON body against schema `name`; a clear 400 when it doesn't fit.
+
+    `prepare(data)` may complete the raw body first (a NewSession naming a kernelspec)."""
     schema = SCHEMAS[name]()
     raw = request.get_data(cache=True)  # bounded: a body over max_body_bytes is a 413 before it is read
     if not raw.strip():
@@ -99,12 +102,21 @@ def load_body(name, required=True):
     if not isinstance(data, dict):
         raise ApiError(400, "400", f"Couldn't parse body parameter {name}: expected a JSON object")
     try:
-        loaded = schema.load(data)
+        loaded = schema.load(prepare(data) if prepare else data)
     except ValidationError as exc:
         raise ApiError(400, "400", f"Couldn't parse body parameter {name} - doesn't match schema: "
                        f"{_describe(exc.messages)}") from None
     g.ignored_fields = set(data) - set(schema.fields)
     return loaded
+
+
+def json_body_or_none():
+    """The body as JSON if it is usable JSON (load_body reports what is wrong otherwise)."""
+    raw = request.get_data(cache=True)
+    try:
+        return validation.parse_json(raw) if raw.strip() else None
+    except ApiError:
+        return None
 
 
 def _describe(messages):
@@ -136,7 +148,9 @@ def list_sessions():
 @operation("new-session", "Create a session (it is not started)", body="newSession", body_required=True,
            responses={200: "object", 400: ERROR, 401: None})
 def new_session():
-    spec = load_body("newSession")
+    kspec = kernelspecs.resolve_for(json_body_or_none())
+    spec = kernelspecs.attach(load_body("newSession", prepare=lambda body: kernelspecs.fill_new_session(body, kspec)),
+                              kspec)
     validation.check_session_id(spec["session_id"])
     validation.check_working_directory(spec.get("working_directory"))
     if spec.pop("run_in_shell", False) and spec["startup_environment"] == "none":
@@ -221,8 +235,9 @@ def interrupt_session(session_id):
 def channels_upgrade(session_id):
     sup = supervisor()
     session = sup.get(session_id)
-    if sup.channel_endpoint is not None:
-        return jsonify(sup.channel_endpoint(session))
+    endpoint = sup.channel_endpoint(session)
+    if endpoint is not None:
+        return jsonify(endpoint)
     return serve_channel(sup, session, request.environ)
 
 
