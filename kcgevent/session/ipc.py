@@ -60,6 +60,16 @@ def endpoint_prefix(kernel_dir, session_id):
     return prefix
 
 
+def restrict(prefix, sep):
+    """Make the kernel's socket files 0600 (the kernel's umask made them; the 0700 directory already
+    keeps others out, this keeps every file in our directories private too)."""
+    for port in PORTS:
+        try:
+            os.chmod(f"{prefix}{sep}{port}", 0o600)
+        except OSError:
+            pass
+
+
 def remove_endpoints(prefix):
     """Remove the socket files a kernel left behind (it may have been killed)."""
     if prefix is None:

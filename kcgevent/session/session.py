@@ -164,13 +164,13 @@ class KernelSession:
             raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: "
                                        "No arguments provided (argv is empty: this session can only adopt a "
                                        "kernel)", status=400), status=400)
-        if not any(CONNECTION_FILE in arg for arg in argv):  # the kernel could never find its ports
+        provisioned = (self.spec.get("kernelspec") or {}).get("provisioner") is not None
+        if not provisioned and not any(CONNECTION_FILE in arg for arg in argv):  # it could never find its ports
             raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: argv has no "
                                        f"{CONNECTION_FILE} placeholder, so the kernel cannot be told where to "
                                        "connect", status=400), status=400)
         self.set_status("starting", "start API called")
         registration = None
-        provisioned = (self.spec.get("kernelspec") or {}).get("provisioner") is not None
         if provisioned:  # the provisioner writes (and keeps across restarts) its own connection file
             self.connection_info_ = None
             conn_file = self.supervisor.kernel_files.path(self.session_id, "provisioned")
@@ -258,6 +258,7 @@ class KernelSession:
             if info is not None and info.get("transport") == "ipc" and not info.get("ipc_separator"):
                 # which file name did the kernel bind? (it binds at once; see session/ipc.py)
                 sep = ipc.wait_for_socket(info["ip"], info["iopub_port"], timeout, exited)
+                ipc.restrict(info["ip"], sep)
                 if sep != "-":
                     self.connection_info_ = info = dict(info, ipc_separator=sep)
             return self._connect(info, timeout, exited)
