@@ -18,6 +18,7 @@ setup(
         "psutil>=5.9",
         "wsproto>=1.2",
         "websocket-client>=1.6",
+        "jupyter_client>=8",  # kernelspec discovery (kernel_name, `kcgevent kernelspecs`) and provisioners
     ],
     extras_require={
         "test": [
@@ -28,7 +29,11 @@ setup(
             "requests>=2.28",
             "jsonschema>=4",
             "openapi-spec-validator>=0.7",
+            "gateway_provisioners[k8s]>=0.5",  # = the "remote" extra: the SSH and Kubernetes tests run
         ],
+        # kernels launched by gateway_provisioners (SSH "distributed", Kubernetes; add
+        # gateway_provisioners[docker] or [yarn] for those)
+        "remote": ["gateway_provisioners[k8s]>=0.5"],
         "bench": ["ipykernel>=6", "jupyter_client>=8"],
     },
     entry_points={"console_scripts": ["kcgevent = kcgevent.__main__:main"]},

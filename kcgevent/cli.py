@@ -94,13 +94,14 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    from .newcomer import run, sessions
-    if argv and argv[0] in ("run", "sessions"):
+    from .newcomer import kernelspecs, run, sessions
+    if argv and argv[0] in ("run", "sessions", "kernelspecs"):
         parser = argh.ArghParser(prog="kcgevent")
-        parser.add_commands([run, sessions])
+        parser.add_commands([run, sessions, kernelspecs])
         parser.dispatch(argv)
     else:
         parser = argh.ArghParser(prog="kcgevent", description="A durable supervisor for Jupyter kernels. "
-                                 "Client commands: 'kcgevent run --help', 'kcgevent sessions --help'.")
+                                 "Client commands: 'kcgevent run --help', 'kcgevent sessions --help', "
+                                 "'kcgevent kernelspecs --help'.")
         parser.set_default_command(serve)
         parser.dispatch(argv)

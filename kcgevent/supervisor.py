@@ -74,7 +74,8 @@ class Supervisor:
     def create(self, spec):
         session_id = spec["session_id"]
         argv = spec.get("argv") or []
-        if argv:
+        provisioned = (spec.get("kernelspec") or {}).get("provisioner") is not None
+        if argv and not provisioned:  # a provisioner may run argv elsewhere: it judges it
             self._check_kernel_path(argv[0], spec)
         if session_id in self.sessions:
             raise KsError("SessionExists", f"Session {session_id} already exists")
@@ -374,6 +375,9 @@ class Supervisor:
         for greenlet in (self._sampler, self._idle_watch, self._checkpoint):
             if greenlet is not None:
                 greenlet.kill(block=False)
+        close = getattr(self.launchers, "close", None)
+        if close is not None:
+            close()
         self.kernel_files.remove_all()
         if self.state is not None:
             for session in sessions:

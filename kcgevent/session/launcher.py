@@ -152,6 +152,9 @@ class KernelLauncher(abc.ABC):
         """ZeroMQ connection info the launcher chose itself (a provisioner may), else None."""
         return None
 
+    def shutdown_requested(self, restart=False):
+        """The session is about to send the kernel a shutdown_request (a provisioner may need to know)."""
+
     def startup_output(self):
         """What the kernel printed while starting, for a StartupError ("\\n"-joined lines)."""
         return ""
@@ -562,12 +565,38 @@ class LauncherFactory:
         self.lock = lock
         self.grace = grace
         self.durable = durable
+        self._provisioner_host = None
 
     def new(self, session, on_output, on_exit):
-        """A fresh, unstarted launcher for `session`'s next kernel."""
+        """A fresh, unstarted launcher for `session`'s next kernel: a ProvisionerLauncher when the
+        session's kernelspec names a kernel provisioner, else a LocalLauncher."""
+        kernelspec = session.spec.get("kernelspec") or {}
+        if kernelspec.get("provisioner") is not None:
+            from .provisioner import ProvisionerLauncher, new_kernel_id
+            # a restart keeps the kernel id, hence the provisioner instance, of the kernel before
+            kernel_id = getattr(session.launcher, "kernel_id", None) or new_kernel_id()
+            return ProvisionerLauncher(on_output, on_exit, self.provisioner_host, kernel_id, kernelspec)
         return LocalLauncher(on_output, on_exit, self.workdir_for(session.session_id), lock=self.lock,
                              grace=self.grace, durable=self.durable)
 
     def restore(self, state, on_output, on_exit):
         """The launcher `state` (a to_state() dict) describes, reconnected to its kernel if it lives."""
+        if state.get("kind") == "provisioner":
+            from . import provisioner  # noqa: F401 (registers the kind)
+            launcher = restore_launcher(state, on_output, on_exit, provisioner_host=self.provisioner_host)
+            return launcher
         return restore_launcher(state, on_output, on_exit, lock=self.lock, grace=self.grace)
+
+    @property
+    def provisioner_host(self):
+        """The provisioner host process (kcgevent/provisioning), started on first use."""
+        if self._provisioner_host is None:
+            from ..provisioning.client import ProvisionerHost
+            self._provisioner_host = ProvisionerHost(lock=self.lock, grace=self.grace)
+        return self._provisioner_host
+
+    def close(self):
+        """Stop the provisioner host, if one runs (its kernels were ended or are kept: see ProvisionerHost)."""
+        if self._provisioner_host is not None:
+            self._provisioner_host.stop()
+            self._provisioner_host = None

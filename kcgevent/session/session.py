@@ -20,7 +20,7 @@ from . import process as proc_mod
 from . import wire
 from .channel import Channel
 from .execution_queue import ExecutionQueue
-from .handshake import HandshakeFailed, Registration, wants_handshake
+from .handshake import HandshakeFailed, NoHandshake, Registration, SilentKernelProbe, wants_handshake
 from .iopub_capture import CaptureMerge
 from .kernel import KernelConnectError, KernelConnection
 from .launcher import LaunchError, LaunchRequest
@@ -131,14 +131,18 @@ class KernelSession:
                                              "the kernel did not start"})
             self._held = []
 
-    def _start(self):
+    def _start(self, handshake=True):
         argv = list(self.spec.get("argv") or [])
         if not argv:
             raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: "
                                        "No arguments provided", status=500))
         self.set_status("starting", "start API called")
         registration = None
-        if wants_handshake(self.protocol_version):
+        provisioned = (self.spec.get("kernelspec") or {}).get("provisioner") is not None
+        if provisioned:  # the provisioner writes (and keeps across restarts) its own connection file
+            self.connection_info_ = None
+            conn_file = self.supervisor.kernel_files.path(self.session_id, "provisioned")
+        elif handshake and wants_handshake(self.protocol_version):
             registration = Registration(self.supervisor.zmq_context, self.key)
             conn_file = self.supervisor.write_kernel_file(self.session_id, "registration",
                                                           registration.file_content())
@@ -152,7 +156,15 @@ class KernelSession:
                 registration.socket.close(0)
             raise
         self.launcher = launcher
-        return self._connect_started(launcher, registration)
+        try:
+            return self._connect_started(launcher, registration, conn_file)
+        except NoHandshake as exc:
+            log.warning("session %s: %s; starting it again with a connection file", self.session_id, exc)
+            self._exit_token = None  # this exit is ours, not news for the client
+            launcher.kill()
+            launcher.wait(5)
+            launcher.cleanup()
+            return self._start(handshake=False)
 
     def _launch(self, argv, conn_file):
         """Start the kernel through a new launcher (StartupError if it cannot be started)."""
@@ -180,8 +192,11 @@ class KernelSession:
                 "iopub_port": ports[4], "signature_scheme": "hmac-sha256", "key": self.key,
                 "transport": "tcp", "ip": "127.0.0.1"}
 
-    def _connect_started(self, launcher, registration):
-        """Handshake (JEP 66), connect and kernel_info; on failure kill what we spawned."""
+    def _connect_started(self, launcher, registration, conn_file):
+        """Handshake (JEP 66), connect and kernel_info; on failure kill what we spawned.
+
+        A kernel told to register that does not is noticed by SilentKernelProbe: its ports are
+        used if it wrote them into the file, else NoHandshake goes up to _start."""
         timeout = float(self.spec.get("connection_timeout") or 30)
 
         def exited():
@@ -191,10 +206,12 @@ class KernelSession:
         phase = "handshake" if registration else "connect"
         try:
             if registration is not None:
-                ports = registration.wait(timeout, exited)
+                probe = SilentKernelProbe(conn_file, launcher.pid)
+                ports = registration.wait(timeout, exited, probe)
                 self.connection_info_ = {**ports, "signature_scheme": "hmac-sha256", "key": self.key,
                                          "transport": "tcp", "ip": "127.0.0.1"}
-                self.channel.event("handshakeCompleted", [self.session_id, self.connection_info_])
+                if not probe.found_in_file:  # only a real registration is a completed handshake
+                    self.channel.event("handshakeCompleted", [self.session_id, self.connection_info_])
                 phase = "connect"
             return self._connect(self.connection_info_, timeout, exited)
         except (HandshakeFailed, KernelConnectError) as exc:
@@ -410,6 +427,7 @@ class KernelSession:
         self.queue.clear()
         launcher = self.launcher
         if launcher is not None and launcher.poll() is None:
+            launcher.shutdown_requested(restart=True)
             if self.connection is not None:
                 self.connection.send("control", "shutdown_request", {"restart": True})
             if launcher.wait(self.supervisor.config.shutdown_timeout) is None:
@@ -422,6 +440,8 @@ class KernelSession:
     def request_shutdown(self):
         """Ask a running kernel to exit (server shutdown); True if one was asked."""
         if self.connection is not None:
+            if self.launcher is not None and self.launcher.poll() is None:
+                self.launcher.shutdown_requested(restart=False)
             try:
                 self.connection.send("control", "shutdown_request", {"restart": False})
             except Exception:  # the socket may already be gone
@@ -596,7 +616,7 @@ class KernelSession:
         now = time.monotonic()
         data = {
             "session_id": self.session_id,
-            "argv": list(self.spec.get("argv") or []),
+            "argv": list(getattr(self.launcher, "cmd", None) or self.spec.get("argv") or []),  # a provisioner's own
         }
         pid = self.launcher.pid if self.launcher is not None and self.launcher.poll() is None else None
         if pid is not None:
