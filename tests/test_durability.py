@@ -587,7 +587,7 @@ def test_sigkill_of_server_takes_kernels_down(start_server):
     start_session(server.client, python_kernel_session(py_id, PYTHON, working_directory=HERE))
     fake_id = start_fake(server)
     pids = [kernel_pid(server, py_id), kernel_pid(server, fake_id)]
-    server.descendants()
+    pids += [p.pid for p in server.descendants()]  # the kernels' guardians too
     os.kill(server.pid, signal.SIGKILL)
     server.process.wait(5)
     wait_gone(pids, timeout=10)
