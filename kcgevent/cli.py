@@ -55,7 +55,8 @@ def setup_logging(level_name, log_file):
 @argh.arg("--buffer-bytes", type=int, help="bytes of frames kept per session for clients that are away "
           "(default 64 MiB)")
 @argh.arg("--shutdown-timeout", type=float, help="seconds kernels get to exit at shutdown before being killed")
-@argh.arg("--ping-interval", type=float, help="seconds between WebSocket pings (a client missing 4 is dropped)")
+@argh.arg("--ping-interval", type=float, help="seconds between WebSocket pings (a client missing 4, or whose "
+          "socket takes nothing for 3 intervals, is dropped)")
 @argh.arg("--heartbeat-interval", type=float, help="seconds between kernel heartbeats")
 @argh.arg("--heartbeat-timeout", type=float, help="seconds without a heartbeat reply before a kernel is offline")
 @argh.arg("--idle-shutdown-seconds", type=float, help="like --idle-shutdown-hours, in seconds (for tests)")

@@ -147,17 +147,18 @@ def take_over(environ, sock):
     file so that it never parses this connection as HTTP again (pywsgi stops at a closed rfile)."""
     rfile = _request_file(environ)
     leftover = b""
-    timeout = sock.gettimeout()
-    try:
-        sock.settimeout(0.0)  # peek() reads the socket only if its buffer is empty: never wait
-        leftover = rfile.peek() or b""
-    except (OSError, ValueError):
-        pass
-    finally:
+    if hasattr(sock, "settimeout"):  # (a Windows pipe connection has no non-blocking mode)
+        timeout = sock.gettimeout()
         try:
-            sock.settimeout(timeout)
-        except OSError:
+            sock.settimeout(0.0)  # peek() reads the socket only if its buffer is empty: never wait
+            leftover = rfile.peek() or b""
+        except (OSError, ValueError):
             pass
+        finally:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
     try:
         rfile.close()
     except (OSError, ValueError):
@@ -232,7 +233,9 @@ class WebSocket:
         self._progress_at = time.monotonic()
         try:
             while sent < total:
-                timer = gevent.Timeout(self.send_timeout, _Stalled) if self.send_timeout else None
+                # (the first send() usually takes everything: no timer for it; the pinger watches
+                # `write_stalled_for` and drops a peer that takes nothing at all)
+                timer = gevent.Timeout(self.send_timeout, _Stalled) if sent and self.send_timeout else None
                 if timer is not None:
                     timer.start()
                 try:
@@ -315,14 +318,14 @@ class WebSocket:
             self.output_shut = True
             try:
                 self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
+            except (OSError, AttributeError):  # (pipes cannot half-close)
                 pass
 
     def shutdown_input(self):
         """Stop receiving: what already arrived is still read, then the reader sees EOF."""
         try:
             self.sock.shutdown(socket.SHUT_RD)
-        except OSError:
+        except (OSError, AttributeError):
             pass
 
     def close(self, code=1000, reason=""):
@@ -335,7 +338,7 @@ class WebSocket:
         self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+        except (OSError, AttributeError):
             pass
         self.sock.close()
 

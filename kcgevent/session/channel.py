@@ -10,8 +10,8 @@ connections, nothing is lost or repeated when the client goes away:
   delivered; everything else goes to the next client. The measure is taken
   once the connection is really over, not when the client's EOF arrives
   (frames still in flight then are mostly read by the client): the writer
-  stops at a frame boundary, the server half-closes, and waits (at most
-  DRAIN_TIMEOUT) until the peer has everything, is gone, or the bound passes;
+  stops at a frame boundary, the server half-closes, and waits until the peer
+  has everything, is gone, or takes nothing for DRAIN_TIMEOUT (DRAIN_LIMIT in all);
   whatever is then still unacknowledged is discarded (TCP reset) and resent.
   See delivery.py for what "acknowledged" means on TCP and on Unix sockets;
 - on handover (a second client connects) the old writer stops at a frame
@@ -69,7 +69,8 @@ from ..websocket import MAX_UNANSWERED_PINGS, ConnectionClosed, frame_size
 log = logging.getLogger(__name__)
 
 PING_INTERVAL = 10.0
-DRAIN_TIMEOUT = 2.0  # how long a dropped or replaced client gets to take what was already sent
+DRAIN_TIMEOUT = 2.0  # how long a dropped or replaced client may take nothing of what was already sent
+DRAIN_LIMIT = 10.0  # how long it may take in all
 CLOSE_TIMEOUT = 1.0  # how long a writer gets to finish its write when the session goes
 POLL_INTERVAL = 0.005
 IDLE_CHECK = 1.0  # an idle writer looks at the acknowledgements this often (to free delivered frames)
@@ -175,16 +176,17 @@ class Client:
             return
         ws = self.ws
         pending = delivery.pending(ws.sock)
-        if pending is None:
-            return
-        if self._tcp:
+        if pending is None:  # nothing known (Windows, named pipes): what was written counts, as before
+            acked = ws.bytes_written
+        elif self._tcp:
             if ws.output_shut and pending > 0:
                 pending -= 1  # our FIN
             acked = ws.bytes_written - pending
         else:  # Unix: zero means all read, unless the peer threw unread data away
-            if pending != 0 or ws.peer_reset or delivery.take_reset(ws.sock):
-                if pending == 0:
-                    ws.peer_reset = True
+            if pending != 0:
+                return
+            if ws.peer_reset or delivery.take_reset(ws.sock):
+                ws.peer_reset = True
                 return
             acked = ws.bytes_written
         batches = self._batches
@@ -254,9 +256,19 @@ class Client:
             return
         if not ws.broken:
             ws.shutdown_output()
+        # Wait while the peer keeps taking what was sent (however slowly: a loaded machine), but
+        # give up after DRAIN_TIMEOUT without progress, and after DRAIN_LIMIT in any case.
+        limit = time.monotonic() + DRAIN_LIMIT
+        last_pending = None
         while True:
             self.note_delivery()
-            if self._peer_done() or time.monotonic() >= deadline:
+            if self._peer_done():
+                break
+            now = time.monotonic()
+            pending = delivery.pending(ws.sock)
+            if pending != last_pending:
+                last_pending, deadline = pending, max(deadline, now + DRAIN_TIMEOUT)
+            if now >= min(deadline, limit):
                 break
             gevent.sleep(POLL_INTERVAL)
         if how == "replaced":
@@ -358,8 +370,11 @@ class Channel:
             cursor = self.cursor if after is None else max(int(after) + 1, 1)
             cursor = min(cursor, self.log.next_seq)
             if cursor < self.log.first_seq:
-                ws.send(gap_notice(cursor, self.log.first_seq - 1))
-                cursor = self.log.first_seq
+                try:
+                    ws.send(gap_notice(cursor, self.log.first_seq - 1))
+                    cursor = self.log.first_seq
+                except ConnectionClosed:
+                    pass  # gone already: its end is settled as usual, and the next client is told
             client = Client(self, ws, cursor, with_seq=after is not None)
             self.client = client
             client.writer = gevent.spawn(client.run_writer)
