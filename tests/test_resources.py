@@ -30,14 +30,47 @@ def start():
         proc.wait(5)
 
 
+def cpu_seconds(*pids):
+    """CPU time the OS has charged to these processes so far."""
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+
+def sampled_between(sample_pair, *pids):
+    """Runs ``sample_pair()`` (two samples with a pause between) and returns (its result, the lowest and
+    highest CPU percent the OS's own figures allow for the window between the two samples).
+
+    The sampler's window lies inside the outer bracket (before the first sample .. after the second) and
+    contains the inner one (after the first .. before the second); CPU times tick in 10 ms. So the check
+    holds whatever share of a core a loaded machine gives the process.
+    """
+    outer_start, outer_cpu_start = time.monotonic(), cpu_seconds(*pids)
+    result = sample_pair(lambda: (time.monotonic(), cpu_seconds(*pids)))
+    outer_cpu_end, outer_end = cpu_seconds(*pids), time.monotonic()
+    (inner_start, inner_cpu_start), (inner_end, inner_cpu_end) = result.pop("inner")
+    tick = 0.01 * len(pids)
+    low = 100 * (inner_cpu_end - inner_cpu_start - tick) / (outer_end - outer_start)
+    high = 100 * (outer_cpu_end - outer_cpu_start + tick) / (inner_end - inner_start)
+    return result, low - 1, high + 1
+
+
 def test_busy_process(start):
+    """The CPU percent is the CPU time the OS charged to the process over the wall time between samples
+    (not a fixed figure: on a loaded machine a busy loop gets less than a core)."""
     burner = start(BURN)
     sampler = ResourceSampler(sampling_period_ms=500)
-    first = sampler.sample({"k": burner.pid})["k"]
-    assert first["cpu_percent"] == 0
-    gevent.sleep(0.5)
-    second = sampler.sample({"k": burner.pid})["k"]
-    assert second["cpu_percent"] > 50
+
+    def sample_pair(mark):
+        first = sampler.sample({"k": burner.pid})["k"]
+        inner_start = mark()
+        gevent.sleep(0.5)
+        inner_end = mark()
+        return {"first": first, "second": sampler.sample({"k": burner.pid})["k"], "inner": (inner_start, inner_end)}
+
+    samples, low, high = sampled_between(sample_pair, burner.pid)
+    assert samples["first"]["cpu_percent"] == 0
+    second = samples["second"]
+    assert low <= second["cpu_percent"] <= high
+    assert second["cpu_percent"] > 0  # it was busy
     assert second["memory_bytes"] > 0
     assert second["thread_count"] >= 1
     assert second["sampling_period_ms"] == 500
@@ -54,9 +87,19 @@ def test_descendants_are_counted(start):
         while sampler.sample({"p": parent.pid})["p"]["thread_count"] < 2:
             gevent.sleep(0.05)
     try:
-        gevent.sleep(0.5)
-        usage = sampler.sample({"p": parent.pid, "a": alone.pid})
-        assert usage["p"]["cpu_percent"] > 50
+        burner = psutil.Process(parent.pid).children()[0].pid
+
+        def sample_pair(mark):
+            sampler.sample({"p": parent.pid, "a": alone.pid})
+            inner_start = mark()
+            gevent.sleep(0.5)
+            inner_end = mark()
+            return {"usage": sampler.sample({"p": parent.pid, "a": alone.pid}), "inner": (inner_start, inner_end)}
+
+        samples, low, high = sampled_between(sample_pair, parent.pid, burner)
+        usage = samples["usage"]
+        assert low <= usage["p"]["cpu_percent"] <= high  # the child's CPU counts for the parent
+        assert usage["p"]["cpu_percent"] > 0
         assert usage["a"]["cpu_percent"] < 50
         assert usage["p"]["memory_bytes"] > usage["a"]["memory_bytes"]
     finally:
