@@ -86,7 +86,8 @@ class Capture:
     frame as length + bytes; big-endian 4-byte integers).
 
     Made ready while the supervisor runs (pyzmq loaded, connected, but not subscribed: the kernel's PUB
-    then sends us nothing), so that `start()` at the supervisor's death only has to subscribe.
+    then sends us nothing), so that `start()` at the supervisor's death only has to subscribe. (A
+    supervisor that dies before we saw its iopub.json gets one made then, a little later.)
     """
 
     def __init__(self, directory):
@@ -298,7 +299,9 @@ def main(args):
             elif orphaned_since is None:
                 orphaned_since = now
             if options["lock"]:
-                if alive and capture is None and standby is None:
+                if capture is None and standby is None:
+                    # Also once the supervisor is gone: it may die before we saw its iopub.json (a
+                    # fast kernel and client can get from the start to a busy cell in 100 ms).
                     standby = prepare_capture(directory)
                 if not alive and capture is None and standby and \
                         not os.path.exists(os.path.join(directory, "capture.done")):
