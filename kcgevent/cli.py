@@ -56,10 +56,12 @@ def setup_logging(level_name, log_file):
 @argh.arg("--heartbeat-interval", type=float, help="seconds between kernel heartbeats")
 @argh.arg("--heartbeat-timeout", type=float, help="seconds without a heartbeat reply before a kernel is offline")
 @argh.arg("--idle-shutdown-seconds", type=float, help="like --idle-shutdown-hours, in seconds (for tests)")
+@argh.arg("--mcp-command-timeout", type=float, help="seconds an agent's Positron command waits for the window's reply")
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
           socket_dir=None, unix_socket=None, buffer_limit=100_000, shutdown_timeout=5.0, ping_interval=10.0,
-          heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, version=False):
+          heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, mcp_command_timeout=45.0,
+          version=False):
     """Run the kernel supervisor server."""
     if version:
         print(f"kcgevent {VERSION}")
@@ -68,7 +70,8 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
                           resource_sample_interval_ms=max(0, resource_sample_interval),
                           log_level=log_level, buffer_limit=buffer_limit, shutdown_timeout=shutdown_timeout,
                           socket_dir=socket_dir, ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
-                          heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds)
+                          heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds,
+                          mcp_command_timeout=mcp_command_timeout)
     try:
         server = Server(transport=transport, port=port, token=token, unix_socket=unix_socket,
                         socket_dir=socket_dir, connection_file=connection_file,

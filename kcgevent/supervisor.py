@@ -21,6 +21,7 @@ import zmq.green as zmq
 
 from .config import VERSION, ServerConfig
 from .errors import ApiError, KsError, not_found
+from .mcp.workspaces import Workspaces
 from .session import win_interrupt
 from .session.resources import ResourceSampler
 from .session.session import KernelSession, rfc3339
@@ -47,6 +48,7 @@ class Supervisor:
         self.shutting_down = False
         self._sampler = None
         self._idle_watch = None
+        self.mcp = Workspaces(self)  # MCP workspaces and the agents' listener
 
     # -- registry -------------------------------------------------------------
 
@@ -153,6 +155,7 @@ class Supervisor:
             "process_id": os.getpid(),
             "started": rfc3339(self.started),
             "server_id": self.server_id,
+            "mcp": self.mcp.status(),
         }
 
     def heartbeat(self, process_id=None):
@@ -276,6 +279,7 @@ class Supervisor:
             session.process.exited.wait(max(0.0, deadline - time.monotonic()))
         for session in sessions:
             session.terminate()
+        self.mcp.shutdown()
         if self.session_sockets is not None:
             self.session_sockets.close_all()
         for greenlet in (self._sampler, self._idle_watch):

@@ -74,6 +74,23 @@ ROUTES = [
      dict(operation_id="set-server-configuration", summary="Change server configuration",
           responses={200: "any", 400: "error", 401: None}, body="serverConfiguration",
           body_required=True)),
+    ("execute_code", S + "/execute", "POST",
+     dict(operation_id="execute-code", summary="Execute code",
+          responses={200: "executeReply", 400: "error", 401: None, 404: "error", 408: "error", 409: "error"},
+          body="executeRequest", body_required=True)),
+    ("session_history", S + "/history", "GET",
+     dict(operation_id="get-session-history", summary="Get history",
+          responses={200: "executionHistoryEntry[]", 401: None, 404: "error"})),
+    ("register_workspace", "/mcp/workspaces", "POST",
+     dict(operation_id="register-mcp-workspace", summary="Register",
+          responses={200: "mcpWorkspace", 400: "error", 401: None},
+          body="mcpWorkspaceRegistration", body_required=True)),
+    ("deregister_workspace", "/mcp/workspaces/<workspace_id>", "DELETE",
+     dict(operation_id="deregister-mcp-workspace", summary="Deregister",
+          responses={200: "any", 401: None, 404: "error"})),
+    ("workspace_channel", "/mcp/workspaces/<workspace_id>/channel", "GET",
+     dict(operation_id="mcp-workspace-channel", summary="Workspace channel",
+          responses={200: "string", 400: "error", 401: None, 404: "error"})),
 ]
 
 

@@ -247,3 +247,6 @@ def set_server_configuration():
 @bp.get("/openapi.json")
 def openapi():
     return jsonify(render_openapi(current_app, bp.name))
+
+
+from . import execute, mcp  # noqa: E402,F401  (their routes join the blueprint)

@@ -19,8 +19,10 @@ from ..errors import KsError, StartupError
 from . import process as proc_mod
 from . import wire
 from .channel import Channel
+from . import execute as execute_mod
 from .execution_queue import ExecutionQueue
 from .handshake import HandshakeFailed, Registration, wants_handshake
+from .history import RECENT_ENTRIES, ExecutionHistory
 from .kernel import KernelConnectError, KernelConnection
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ class KernelSession:
         self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval)
         self.channel.on_connect_change = self._on_connect_change
         self.queue = ExecutionQueue()
+        self.history = ExecutionHistory()
+        self.collectors = {}  # msg_id -> execute.Collector of callers waiting for a result
         self.socket_path = None
         self._busy_verb = None  # "start" / "restart" while one is under way
         self._held = []  # client messages that arrived while a start was under way
@@ -153,6 +157,7 @@ class KernelSession:
         env = proc_mod.resolve_env(self.env_actions)
         if os.name == "nt":
             env.update(self.supervisor.windows_kernel_env(self))
+        env.update(self.supervisor.mcp.kernel_env(self))
         self.initial_env = env
         try:
             plan = proc_mod.plan_startup(argv, env, self.working_directory,
@@ -257,6 +262,7 @@ class KernelSession:
         # All bookkeeping before the first yield: a restart waiting for this exit
         # must find the old kernel fully retired before it writes the new one's files.
         connection, self.connection = self.connection, None
+        execute_mod.abandon_all(self, f"the kernel exited with code {code}")
         self.set_status("exited", "child process exited")
         self.channel.event("exited", code)
         self.supervisor.remove_kernel_files(self.session_id)
@@ -272,6 +278,8 @@ class KernelSession:
     # -- the relay ------------------------------------------------------------------
 
     def _on_kernel_message(self, msg, header_raw):
+        if self.collectors or self.history.open:
+            execute_mod.observe(self, msg)
         if msg.channel == "iopub" and msg.msg_type == "status":
             state = msg.content.get("execution_state")
             if state in ("busy", "idle"):
@@ -321,6 +329,8 @@ class KernelSession:
         conn = self.connection
         if conn is None:
             return
+        if msg.msg_type == "execute_request":
+            self.history.started(msg.msg_id, msg.content, msg.metadata)
         conn.send(msg.channel, msg.msg_type, msg.content, msg_id=msg.msg_id, parent=msg.parent_header,
                   metadata=msg.metadata, buffers=msg.buffers)
 
@@ -482,6 +492,8 @@ class KernelSession:
             "session_mode": self.spec.get("session_mode", "console"),
             "working_directory": self.working_directory,
         })
+        if self.spec.get("workspace_id"):
+            data["workspace_id"] = self.spec["workspace_id"]
         if self.spec.get("notebook_uri"):
             data["notebook_uri"] = self.spec["notebook_uri"]
         data.update({
@@ -495,6 +507,7 @@ class KernelSession:
             data["resource_usage"] = self.resource_usage
         data["idle_seconds"] = int(now - self.idle_since) if self.idle_since is not None else 0
         data["busy_seconds"] = int(now - self.busy_since) if self.busy_since is not None else 0
+        data["history"] = self.history.to_json(RECENT_ENTRIES)
         if self.socket_path and self.channel.connected:
             data["socket_path"] = self.socket_path
         return data

@@ -1,0 +1,369 @@
+"""The agents' MCP endpoint: the official MCP SDK's Streamable HTTP server, on its own loopback port.
+
+The SDK's server is asyncio (Starlette + anyio); kcgevent is gevent with
+monkey-patching. It runs here in one *native* thread (the unpatched
+`_thread.start_new_thread`) with its own asyncio loop over the unpatched
+selector, served by uvicorn on a socket we bind. Tool calls hop onto the
+gevent hub with the hub's thread-safe callback, run as ordinary greenlets
+against the session verbs, and hand their result back with
+`loop.call_soon_threadsafe`. Nothing in this thread touches gevent objects
+otherwise. (A greenlet-hosted asyncio loop, i.e. the patched
+`threading.Thread`, deadlocks the hub at the first tool call; measured in
+the issue note.)
+
+In front of the SDK sits a small ASGI gate, in the order of Kallichore's
+listener: routing (`/mcp/w/<workspace>[/s/<session>]`, the server card),
+the DNS-rebinding guard (loopback Host and Origin, else 403), the bearer
+token (401 without `WWW-Authenticate`, so agents do not start OAuth), and the
+token's workspace matching the path (403).
+"""
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import re
+import time
+from urllib.parse import urlsplit
+
+import gevent
+from gevent import monkey
+
+from ..config import VERSION
+from .tools import CALLER_NOTE, INSTRUCTIONS, TOOLS, call_tool
+from .workspaces import tokens_equal
+
+log = logging.getLogger(__name__)
+
+_start_native_thread = monkey.get_original("_thread", "start_new_thread")
+_NativeSelector = monkey.get_original("selectors", "DefaultSelector")
+_NativeSocket = monkey.get_original("socket", "socket")
+
+ROUTE = re.compile(r"^/mcp/w/(?P<workspace>[^/]+)(?:/s/(?P<session>[^/]+)|/(?P<card>server-card))?/?$")
+NOT_FOUND = "Not found; a workspace's MCP endpoint is at /mcp/w/<workspace-id>"
+MAX_BODY = 4 * 1024 * 1024
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 5.0
+PROTOCOL_VERSIONS = ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25", "2026-07-28"]
+
+
+def is_loopback_host(host):
+    """`localhost`, 127.x.y.z or [::1], with or without a port; anything else is foreign."""
+    if host.startswith("["):
+        name = host[1:host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_origin(origin):
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and is_loopback_host(parts.netloc)
+
+
+def bearer_token(header):
+    scheme, _, token = (header or "").strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def server_card(workspace, port):
+    url = f"http://127.0.0.1:{port}/mcp/w/{workspace.id}"
+    return {
+        "$schema": "https://static.modelcontextprotocol.io/schemas/2025-09-29/server.schema.json",
+        "name": "co.posit/positron", "version": VERSION, "title": "Positron",
+        "description": "The user's live Positron interpreter sessions and IDE",
+        "websiteUrl": "https://positron.posit.co",
+        "remotes": [{"type": "streamable-http", "url": url,
+                     "headers": [{"name": "Authorization", "isRequired": True, "isSecret": True}],
+                     "supportedProtocolVersions": PROTOCOL_VERSIONS}],
+        "_meta": {"co.posit.positron/workspace": {"id": workspace.id, "displayName": workspace.display_name}},
+    }
+
+
+async def respond(send, status, body=b"", content_type="text/plain; charset=utf-8", headers=()):
+    if isinstance(body, str):
+        body = body.encode()
+    head = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    head += [(k.encode(), v.encode()) for k, v in headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Hub:
+    """Runs functions on the gevent hub from the listener's asyncio thread."""
+
+    def __init__(self):
+        self.hub = gevent.get_hub()
+
+    async def run(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(method, value):
+            try:
+                loop.call_soon_threadsafe(lambda: future.done() or method(value))
+            except RuntimeError:  # the loop is closed: the listener stopped meanwhile
+                pass
+
+        def greenlet():
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 (handed to the awaiting coroutine)
+                settle(future.set_exception, exc)
+            else:
+                settle(future.set_result, result)
+
+        self.hub.loop.run_callback_threadsafe(gevent.spawn, greenlet)
+        return await future
+
+
+class McpListener:
+    """The listener's lifecycle, called on the hub: start with the first workspace, stop with the last."""
+
+    def __init__(self, registry, preferred_port=0):
+        self.registry = registry
+        self.preferred_port = preferred_port
+        self.port = 0
+        self.sock = None
+        self.server = None
+        self.hub = Hub()
+        self._thread_done = False
+        self._thread_error = None
+
+    def _bind(self):
+        for port in ([self.preferred_port] if self.preferred_port else []) + [0]:
+            sock = _NativeSocket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                log.info("MCP: port %s is taken; using another", port)
+                continue
+            sock.listen(128)
+            return sock
+        raise OSError("no port for the MCP listener")
+
+    def start(self):
+        import uvicorn  # the SDK's own dependency; imported only when a workspace registers
+
+        self.sock = self._bind()
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(self.app(), lifespan="on", log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=1)
+        self.server = QuietServer(config)
+        _start_native_thread(self._run, ())
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.server.started:
+            if self._thread_done or time.monotonic() > deadline:
+                self.server.should_exit = True
+                raise RuntimeError(f"the MCP listener did not start: {self._thread_error or 'timed out'}")
+            gevent.sleep(0.01)
+        log.info("MCP listener for agents on http://127.0.0.1:%d/mcp/w/<workspace>", self.port)
+
+    def _run(self):
+        # asyncio.Runner cancels what is left (the SDK's session tasks) before closing the loop
+        runner = asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(_NativeSelector()))
+        try:
+            runner.run(self.server.serve(sockets=[self.sock]))
+        except BaseException as exc:  # noqa: BLE001 (reported by start/stop)
+            self._thread_error = repr(exc)
+            log.error("MCP listener failed: %r", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                runner.close()
+            self._thread_done = True
+
+    def stop(self):
+        if self.server is None:
+            return
+        self.server.should_exit = True
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while not self._thread_done and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        if not self._thread_done:
+            log.warning("MCP listener thread did not stop within %.0f s", STOP_TIMEOUT)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        log.info("MCP listener stopped")
+
+    # -- the ASGI application -------------------------------------------------------------
+
+    def app(self):
+        from mcp.server.lowlevel.server import Server
+        from mcp.server.transport_security import TransportSecuritySettings
+
+        hub, registry = self.hub, self.registry
+
+        async def list_tools(ctx, params):
+            import mcp_types as types
+            return types.ListToolsResult(tools=TOOLS)
+
+        async def run_tool(ctx, params):
+            route = ctx.request.scope.get("kcgevent", {}) if ctx.request is not None else {}
+            client = ctx.session.client_params
+            info = client.client_info.model_dump(exclude_none=True) if client and client.client_info else {}
+            return await hub.run(call_tool, registry, route.get("workspace"), route.get("caller"), info,
+                                 params.name, params.arguments or {})
+
+        sdk = Server("positron", version=VERSION, title="Positron",
+                     description="The user's live Positron interpreter sessions and IDE",
+                     instructions=INSTRUCTIONS + CALLER_NOTE, on_list_tools=list_tools, on_call_tool=run_tool)
+        inner = sdk.streamable_http_app(
+            json_response=True, transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+        return Gate(self, inner)
+
+
+class QuietServer:
+    """uvicorn's Server without signal handling (signals belong to the gevent side)."""
+
+    def __new__(cls, config):
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+
+        return _Server(config)
+
+
+class Gate:
+    """ASGI: routing, the server card, and auth in front of the SDK's app."""
+
+    def __init__(self, listener, inner):
+        self.listener = listener
+        self.registry = listener.registry
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        match = ROUTE.match(scope["path"])
+        if match is None:
+            return await respond(send, 404, NOT_FOUND)
+        host, origin = headers.get("host"), headers.get("origin")
+        if host is not None and not is_loopback_host(host):
+            return await respond(send, 403, "Forbidden: the Host header is not a loopback address")
+        if origin is not None and not is_loopback_origin(origin):
+            return await respond(send, 403, "Forbidden: the Origin is not a loopback origin")
+        workspace_id = match["workspace"]
+        if match["card"]:
+            return await self.card(scope, headers, send, workspace_id)
+        token = bearer_token(headers.get("authorization"))
+        if token is None:
+            return await respond(send, 401, "Unauthorized: send 'Authorization: Bearer <token>' with the "
+                                 "workspace's token (POSITRON_MCP_TOKEN)")
+        owner = self.token_owner(token)
+        if owner is None:
+            return await respond(send, 401, "Invalid bearer token")
+        if owner.id != workspace_id:
+            return await respond(send, 403, "Forbidden: this token belongs to another workspace; use the URL and "
+                                 "token from the same Positron window")
+        body = b""
+        if scope["method"] == "POST":
+            body = await read_body(receive)
+            if body is None:
+                return await respond(send, 413, "Request body too large")
+        scope = dict(scope, path="/mcp", raw_path=b"/mcp",
+                     kcgevent={"workspace": workspace_id, "caller": match["session"]})
+        initialize = find_initialize(body)
+        session_header = headers.get("mcp-session-id")
+        status = {}
+
+        async def watching_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                for key, value in message.get("headers", []):
+                    if key.lower() == b"mcp-session-id":
+                        status["session"] = value.decode("latin-1")
+            await send(message)
+
+        await self.inner(scope, replay(body, receive), watching_send)
+        hub, registry, caller = self.listener.hub, self.registry, match["session"]
+        if initialize is not None and status.get("code") == 200 and status.get("session"):
+            await hub.run(lambda: registry.get(workspace_id) and registry.client_connected(
+                registry.get(workspace_id), status["session"], initialize, caller))
+        elif scope["method"] == "DELETE" and session_header and status.get("code", 500) < 300:
+            await hub.run(lambda: registry.get(workspace_id) and registry.client_disconnected(
+                registry.get(workspace_id), session_header))
+
+    def token_owner(self, token):
+        """The workspace whose token this is, compared in constant time (read from the hub's dicts)."""
+        found = None
+        for workspace in list(self.registry.items.values()):
+            if tokens_equal(token, workspace.token):
+                found = workspace
+        return found
+
+    async def card(self, scope, headers, send, workspace_id):
+        if scope["method"] not in ("GET", "HEAD"):
+            return await respond(send, 405, "Method not allowed: the server card is read with GET",
+                                 headers=[("allow", "GET")])
+        workspace = self.registry.items.get(workspace_id)
+        if workspace is None:
+            return await respond(send, 404, f"No workspace {workspace_id}")
+        body = json.dumps(server_card(workspace, self.listener.port), indent=2).encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        extra = [("etag", etag), ("cache-control", "no-cache")]
+        if headers.get("if-none-match") == etag:
+            await send({"type": "http.response.start", "status": 304,
+                        "headers": [(k.encode(), v.encode()) for k, v in extra]})
+            return await send({"type": "http.response.body", "body": b""})
+        return await respond(send, 200, body, "application/mcp-server-card+json", extra)
+
+
+async def read_body(receive):
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def replay(body, receive):
+    """A `receive` that first gives back the body we read, then the real stream (disconnects)."""
+    sent = False
+
+    async def receive_again():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again
+
+
+def find_initialize(body):
+    """The clientInfo of an `initialize` request in a POST body, or None."""
+    if not body:
+        return None
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    for item in message if isinstance(message, list) else [message]:
+        if isinstance(item, dict) and item.get("method") == "initialize":
+            params = item.get("params") or {}
+            info = params.get("clientInfo") if isinstance(params, dict) else None
+            return info if isinstance(info, dict) else {}
+    return None
