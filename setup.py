@@ -18,6 +18,7 @@ setup(
         "psutil>=5.9",
         "wsproto>=1.2",
         "websocket-client>=1.6",
+        "mcp>=2.3",
     ],
     extras_require={
         "test": [

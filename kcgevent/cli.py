@@ -85,6 +85,9 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "mcp-stdio":
+        from .mcp.stdio import main as mcp_stdio
+        return mcp_stdio(argv[1:])
     from .newcomer import run, sessions
     if argv and argv[0] in ("run", "sessions"):
         parser = argh.ArghParser(prog="kcgevent")
@@ -92,6 +95,7 @@ def main(argv=None):
         parser.dispatch(argv)
     else:
         parser = argh.ArghParser(prog="kcgevent", description="A durable supervisor for Jupyter kernels. "
-                                 "Client commands: 'kcgevent run --help', 'kcgevent sessions --help'.")
+                                 "Client commands: 'kcgevent run --help', 'kcgevent sessions --help', "
+                                 "'kcgevent mcp-stdio --help'.")
         parser.set_default_command(serve)
         parser.dispatch(argv)

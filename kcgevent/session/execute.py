@@ -21,6 +21,7 @@ from ..errors import ApiError
 from . import wire
 
 READY_WAIT = 30.0  # seconds a starting kernel gets before an execute gives up
+DROP_CHECK = 0.25  # seconds between checks that a queued request is still queued
 STARTING = ("uninitialized", "starting", "ready")
 OUTPUT_TYPES = ("stream", "display_data", "error", "execute_result", "execute_reply", "status")
 
@@ -54,8 +55,10 @@ class Collector:
         self.got_idle = False
         self.done = Event()
         self.abandoned = None  # a reason, when the kernel went away first
+        self.started = False  # the request reached the kernel (it was active, or answers came)
 
     def observe(self, msg_type, content):
+        self.started = True
         if msg_type == "stream":
             self.output.append({"type": "stream", "stream_name": content.get("name", "stdout"),
                                 "text": str(content.get("text", ""))})
@@ -155,16 +158,33 @@ def execute(session, code, *, silent=False, store_history=True, stop_on_error=Tr
         if attribution:
             announce(session, msg_id, code, attribution)
         session._deliver(msg)
-        if not collector.done.wait(timeout):
-            _interrupt_quietly(session, msg)
-            raise ExecutionFailed(408, "timeout", f"The execution did not finish within {timeout} s; "
-                                  "the kernel was interrupted")
+        _wait(session, msg, collector, timeout)
     finally:
         session.collectors.pop(msg_id, None)
     if collector.abandoned:
         raise ExecutionFailed(409, "CHANNEL_CLOSED", f"The kernel went away before the execution finished: "
                               f"{collector.abandoned}")
     return collector.to_json()
+
+
+def _wait(session, msg, collector, timeout):
+    """Wait for the collector; interrupt at the deadline; notice a request dropped from the queue."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            _interrupt_quietly(session, msg)
+            raise ExecutionFailed(408, "timeout", f"The execution did not finish within {timeout:g} s; "
+                                  "the kernel was interrupted")
+        if collector.done.wait(DROP_CHECK if remaining is None else min(DROP_CHECK, remaining)):
+            return
+        queue = session.queue
+        if queue.active is msg:
+            collector.started = True
+        elif not collector.started and msg not in queue.pending:
+            # An interrupt (or a restart) cleared the queue before this request reached the kernel
+            raise ExecutionFailed(409, "interrupted", "The execution was dropped from the queue before it "
+                                  "ran (the session was interrupted or restarted)")
 
 
 def _interrupt_quietly(session, msg):
