@@ -9,7 +9,7 @@ import time
 import anyio
 import pytest
 
-from agents import AGENT, agent, png_display_code, run_agent, spawn_agent, structured, tiny_png
+from agents import AGENT, agent, png_display_code, run_agent, structured, tiny_png
 from conftest import HERE, PYTHON, get_session, new_id, start_session, wait_for
 from kcgevent.client import python_kernel_session
 
@@ -60,7 +60,7 @@ def test_execute_code_returns_every_kind_of_output(workspace_session):
             failing = await client.call_tool("execute_code", {"code": "def f():\n    1 / 0\nf()"})
             picture = await client.call_tool("execute_code", {"code": png_display_code(png)})
             own_env = await client.call_tool("evaluate_code", {
-                "code": "import os; os.environ.get('POSITRON_MCP_URL', ''), bool(os.environ.get('POSITRON_MCP_TOKEN'))"})
+                "code": "import os\nos.environ.get('POSITRON_MCP_URL'), bool(os.environ.get('POSITRON_MCP_TOKEN'))"})
             return plain, failing, picture, own_env
 
     plain, failing, picture, own_env = run_agent(scenario)
