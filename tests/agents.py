@@ -25,11 +25,21 @@ _NativeSelector = monkey.get_original("selectors", "DefaultSelector")
 AGENT = Implementation(name="test-agent", version="9.8.7")
 
 
+def _native_loop():
+    """An asyncio loop for a native thread; child processes are watched by pidfd (no helper thread,
+    which monkey-patching would turn into a greenlet that never runs there)."""
+    loop = asyncio.SelectorEventLoop(_NativeSelector())
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(loop)
+    asyncio.set_child_watcher(watcher)
+    return loop
+
+
 def run_agent(scenario, *args, timeout=90):
     """Run `await scenario(*args)` on a fresh asyncio loop in a native thread; return its result."""
 
     def target():
-        with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(_NativeSelector())) as runner:
+        with asyncio.Runner(loop_factory=_native_loop) as runner:
             return runner.run(asyncio.wait_for(scenario(*args), timeout))
 
     return gevent.get_hub().threadpool.apply(target)

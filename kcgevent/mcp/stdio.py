@@ -241,19 +241,21 @@ def offline_answer(payload, why, workspace_id):
 async def serve(connections_dir, workspace_id):
     async with httpx2.AsyncClient(timeout=httpx2.Timeout(None, connect=5.0)) as http:
         bridge = Bridge(connections_dir, workspace_id, http)
-        async with stdio_server() as (read_stream, write_stream), anyio.create_task_group() as tasks:
+        async with stdio_server() as (read_stream, write_stream):
 
             async def answer(message):
                 reply = await bridge.handle(message)
                 if reply is not None:
                     await write_stream.send(SessionMessage(types.jsonrpc_message_adapter.validate_python(reply)))
 
-            async for item in read_stream:
-                if isinstance(item, Exception):
-                    log.warning("mcp-stdio: unreadable message: %s", item)
-                    continue
-                tasks.start_soon(answer, item.message)
-            tasks.cancel_scope.cancel()
+            async with anyio.create_task_group() as tasks:
+                async for item in read_stream:
+                    if isinstance(item, Exception):
+                        log.warning("mcp-stdio: unreadable message: %s", item)
+                        continue
+                    tasks.start_soon(answer, item.message)
+                tasks.cancel_scope.cancel()  # stdin is closed: the agent is gone
+            await write_stream.aclose()  # ends the transport's writer, so the bridge exits
 
 
 def main(argv=None):
