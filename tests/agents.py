@@ -8,6 +8,7 @@ waits cooperatively while a window greenlet answers command requests.
 import asyncio
 import base64
 import json
+import os
 import struct
 import threading
 import zlib
@@ -65,6 +66,14 @@ def structured(result):
     if result.structured_content is not None:
         return result.structured_content
     return json.loads(result.content[0].text)
+
+
+def schema_validator(name):
+    """A JSON Schema validator for one of the contracts in schemas/."""
+    import jsonschema
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "schemas", name)
+    with open(path, encoding="utf-8") as f:
+        return jsonschema.Draft202012Validator(json.load(f))
 
 
 def tiny_png(width=3, height=2):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from agents import AGENT, agent, png_display_code, run_agent, structured, tiny_png
+from agents import AGENT, agent, png_display_code, run_agent, schema_validator, structured, tiny_png
 from conftest import HERE, PYTHON, get_session, kernel_events, new_id, start_session
 from kcgevent.client import python_kernel_session
 
@@ -119,6 +119,8 @@ def test_execution_requested_is_kept_for_an_absent_client_and_precedes_output(wo
     assert event["attribution"] == {"source": "agent", "agent_name": AGENT.name, "agent_version": AGENT.version,
                                     "workspace_id": workspace["workspace_id"], "tool": "execute_code"}
     assert json.loads(result["stdout"]) == event["attribution"]  # what the kernel got in metadata.attribution
+    server_frames = schema_validator("channel-server-message.json")
+    assert all(server_frames.is_valid({k: v for k, v in f.items() if k != "seq"}) for f in frames)
     position = frames.index(next(f for f in frames if "executionRequested" in f))
     related = [i for i, f in enumerate(frames) if f.get("kind") == "jupyter"
                and (f.get("parent_header") or {}).get("msg_id") == event["msg_id"]]

@@ -1,7 +1,7 @@
 """Positron commands brokered from an agent to a window over the workspace channel."""
 import pytest
 
-from agents import AGENT, Window, agent, run_agent, spawn_agent, structured
+from agents import AGENT, Window, agent, run_agent, schema_validator, spawn_agent, structured
 
 CATALOG = [
     {"id": "workbench.action.files.save", "description": "Save the active file", "args": []},
@@ -53,6 +53,8 @@ def test_window_answers_and_catalog_is_searchable(setup):
     assert out["command_id"] == "positron.openDataExplorer" and out["positron_connected"] is True
     assert out["positron_version"] == "2026.11.0"
     assert any(f["kind"] == "clients_changed" and f["clients"] for f in window.frames)  # the agent connected
+    frames = schema_validator("mcp-workspace-channel.json")
+    assert all(frames.is_valid(f) for f in window.frames), window.frames
 
     failed = spawn_agent(lambda: _one(workspace, "run_positron_command", {"command_id": "nope"}))
     window.reply(window.next_request(), ok=False, reason="not-found", message="No such command")
