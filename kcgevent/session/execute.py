@@ -98,11 +98,22 @@ class Collector:
         return data
 
 
+_last_parent = [b"", None]  # (raw parent header, its msg_id): a flood shares one parent
+
+
+def parent_msg_id(msg):
+    """The parent's msg_id, parsing each distinct parent header once."""
+    raw = msg.parent_raw
+    if raw != _last_parent[0]:
+        _last_parent[0], _last_parent[1] = raw, msg.parent_msg_id
+    return _last_parent[1]
+
+
 def observe(session, msg):
-    """Feed a kernel message to open history entries and collectors (cheap when there are none)."""
+    """Feed a kernel message to open history entries and collectors (called only while there are some)."""
     if msg.msg_type not in OUTPUT_TYPES:
         return
-    parent = msg.parent_msg_id
+    parent = parent_msg_id(msg)
     if parent is None:
         return
     if session.history.open:

@@ -81,14 +81,15 @@ def render_bundle(data):
 class Entry:
     """One execution; its output is kept as head and tail bytes, clipped when rendered."""
 
-    __slots__ = ("msg_id", "input", "head", "tail", "output_bytes", "error", "timestamp", "source", "agent",
-                 "got_reply", "got_idle")
+    __slots__ = ("msg_id", "input", "head", "tail", "tail_bytes", "output_bytes", "error", "timestamp", "source",
+                 "agent", "got_reply", "got_idle")
 
     def __init__(self, msg_id, code, timestamp_ms, attribution=None):
         self.msg_id = msg_id
         self.input = code
         self.head = b""  # the first TEXT_LIMIT bytes of the output
-        self.tail = b""  # the last TEXT_LIMIT bytes of it
+        self.tail = deque()  # chunks holding (at least) its last TEXT_LIMIT bytes
+        self.tail_bytes = 0
         self.output_bytes = 0
         self.error = None
         self.timestamp = timestamp_ms
@@ -104,7 +105,10 @@ class Entry:
         self.output_bytes += len(data)
         if len(self.head) < TEXT_LIMIT:
             self.head += data[:TEXT_LIMIT - len(self.head)]
-        self.tail = (self.tail + data)[-TEXT_LIMIT:]
+        self.tail.append(data)
+        self.tail_bytes += len(data)
+        while self.tail_bytes - len(self.tail[0]) >= TEXT_LIMIT:
+            self.tail_bytes -= len(self.tail.popleft())
 
     def output_text(self):
         """(text, clipped): the output, its first and last halves around a marker if too long."""
@@ -113,7 +117,7 @@ class Entry:
         half = TEXT_LIMIT // 2
         omitted = self.output_bytes - 2 * half
         return (f"{_utf8_head(self.head, half)}\n[... {omitted} bytes omitted ...]\n"
-                f"{_utf8_tail(self.tail, half)}"), True
+                f"{_utf8_tail(b''.join(self.tail), half)}"), True
 
     def to_json(self):
         code, cut_in = clip_middle(self.input)
