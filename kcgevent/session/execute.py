@@ -12,6 +12,7 @@ For agents, an `executionRequested` event goes on the session's channel
 is kept for an absent client like any frame); the same attribution travels in
 the request's `metadata.attribution`, which is how history learns the agent.
 """
+import logging
 import time
 
 import gevent
@@ -19,6 +20,8 @@ from gevent.event import Event
 
 from ..errors import ApiError
 from . import wire
+
+log = logging.getLogger(__name__)
 
 READY_WAIT = 30.0  # seconds a starting kernel gets before an execute gives up
 DROP_CHECK = 0.25  # seconds between checks that a queued request is still queued
@@ -113,14 +116,20 @@ def observe(session, msg):
     """Feed a kernel message to open history entries and collectors (called only while there are some)."""
     if msg.msg_type not in OUTPUT_TYPES:
         return
-    parent = parent_msg_id(msg)
-    if parent is None:
-        return
-    if session.history.open:
-        session.history.observe(parent, msg.msg_type, msg.content)
-    collector = session.collectors.get(parent)
-    if collector is not None:
-        collector.observe(msg.msg_type, msg.content)
+    try:
+        parent = parent_msg_id(msg)
+        if parent is None:
+            return
+        content = msg.content
+        if not isinstance(content, dict):
+            return
+        if session.history.open:
+            session.history.observe(parent, msg.msg_type, content)
+        collector = session.collectors.get(parent)
+        if collector is not None:
+            collector.observe(msg.msg_type, content)
+    except ValueError:  # a parent or content that is not JSON: the relay passes it on, we skip it
+        log.warning("session %s: %s message not recorded (unparsable)", session.session_id, msg.msg_type)
 
 
 def abandon_all(session, reason):
