@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 from urllib.parse import urlsplit
 
@@ -142,7 +143,9 @@ class McpListener:
 
     def _bind(self):
         for port in ([self.preferred_port] if self.preferred_port else []) + [0]:
-            sock = _NativeSocket()
+            # proto given explicitly: asyncio sets TCP_NODELAY only on sockets whose proto is TCP,
+            # and without it every response waits ~40 ms for a delayed ACK (measured: 45 -> ~4 ms a call)
+            sock = _NativeSocket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
