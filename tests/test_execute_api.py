@@ -127,4 +127,8 @@ def test_execution_requested_is_kept_for_an_absent_client_and_precedes_output(wo
     assert related and position < min(related)
     entry = server.client.call("GET", f"/sessions/{session_id}/history")[-1]
     assert (entry["source"], entry["agent"]) == ("agent", AGENT.name)
+    channel.until_idle(channel.execute("print('from the console')"))  # a WebSocket client's execution
+    entry = server.client.call("GET", f"/sessions/{session_id}/history")[-1]
+    assert entry["input"] == "print('from the console')" and entry["output"] == "from the console\n"
+    assert "source" not in entry and "agent" not in entry
     assert get_session(server, session_id)["workspace_id"] == workspace["workspace_id"]

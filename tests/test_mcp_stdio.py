@@ -74,11 +74,15 @@ def test_bridge_finds_the_workspace_in_the_connections_directory(workspace_sessi
     (tmp_path / "connections.json").write_text(json.dumps({"version": 1, "workspaces": {workspace_id: {
         "displayName": "Stdio", "port": workspace["port"], "url": workspace["url"], "descriptor": str(descriptor),
         "folders": [str(folder)]}}}))
-    (_, _, (by_id,)), (_, _, (by_folder,)) = run_agent_runs(
+    moved = {"POSITRON_MCP_URL": f"http://127.0.0.1:9/mcp/w/{workspace_id}", "POSITRON_MCP_TOKEN": "0" * 64}
+    (_, _, (by_id,)), (_, _, (by_folder,)), (_, _, (by_env,)) = run_agent_runs(
         (bridge("--connections", str(tmp_path), "--workspace", workspace_id), [("evaluate_code", {"code": "'id'"})]),
-        (bridge("--connections", str(tmp_path), cwd=str(folder / "src")), [("evaluate_code", {"code": "'dir'"})]))
+        (bridge("--connections", str(tmp_path), cwd=str(folder / "src")), [("evaluate_code", {"code": "'dir'"})]),
+        # the environment names a port that no longer answers: re-resolved from the directory
+        (bridge("--connections", str(tmp_path), env=moved), [("evaluate_code", {"code": "'moved'"})]))
     assert structured(by_id)["result"] == {"text/plain": "'id'"}
     assert structured(by_folder)["result"] == {"text/plain": "'dir'"}
+    assert structured(by_env)["result"] == {"text/plain": "'moved'"}
 
 
 def test_bridge_without_positron_answers_itself(tmp_path):

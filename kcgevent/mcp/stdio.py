@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 import anyio
@@ -63,16 +64,24 @@ def descriptor(connections_dir, workspace_id, entry=None):
     return data["url"], data.get("token")
 
 
-def resolve(connections_dir, workspace_id, cwd, env):
-    """(url, token) of the endpoint to use, or None."""
+def resolve(connections_dir, workspace_id, cwd, env, retry=False):
+    """(url, token) of the endpoint to use, or None.
+
+    On a retry the workspace named by POSITRON_MCP_URL is looked up in the
+    connections directory first: a restarted supervisor has moved the port.
+    """
     index = read_json(os.path.join(connections_dir, "connections.json")) if connections_dir else None
     workspaces = (index or {}).get("workspaces") or {}
+    env_url, env_token = env.get("POSITRON_MCP_URL"), env.get("POSITRON_MCP_TOKEN")
+    if not workspace_id and retry and env_url:
+        match = re.search(r"/mcp/w/([a-z0-9-]+)", env_url)
+        workspace_id = match.group(1) if match else None
     if workspace_id and connections_dir:
         found = descriptor(connections_dir, workspace_id, workspaces.get(workspace_id))
         if found:
             return found
-    if env.get("POSITRON_MCP_URL") and env.get("POSITRON_MCP_TOKEN"):
-        return env["POSITRON_MCP_URL"], env["POSITRON_MCP_TOKEN"]
+    if env_url and env_token:
+        return env_url, env_token
     best, depth = None, -1
     for wid, entry in workspaces.items():
         for folder in (entry or {}).get("folders") or []:
@@ -95,8 +104,9 @@ class Bridge:
         self.initialize = None  # the client's initialize request, replayed upstream
         self.lock = anyio.Lock()
 
-    def resolve(self):
-        self.endpoint = resolve(self.connections_dir, self.workspace_id, os.path.realpath(os.getcwd()), os.environ)
+    def resolve(self, retry=False):
+        self.endpoint = resolve(self.connections_dir, self.workspace_id, os.path.realpath(os.getcwd()), os.environ,
+                                retry)
         self.session_id = None
         return self.endpoint
 
@@ -128,9 +138,9 @@ class Bridge:
             return last_sse_message(response.text)
         return response.json()
 
-    async def connect(self):
+    async def connect(self, retry=False):
         """Find an endpoint and replay the client's initialize to it (once per upstream)."""
-        if self.resolve() is None:
+        if self.resolve(retry) is None:
             raise Unreachable("no endpoint")
         if self.initialize is not None:
             reply = await self.post(self.initialize)
@@ -147,7 +157,7 @@ class Bridge:
             return await self.post(payload)
         except Unreachable:
             async with self.lock:
-                await self.connect()
+                await self.connect(retry=True)
             return await self.post(payload)
 
     # -- answering ------------------------------------------------------------------------
@@ -163,16 +173,17 @@ class Bridge:
         if method == "initialize":
             self.initialize = payload
             self.protocol_version = None
-            try:
-                async with self.lock:
-                    if self.resolve() is None:
-                        raise Unreachable("no endpoint")
-                    reply = await self.post(payload)
-                self.protocol_version = ((reply or {}).get("result") or {}).get("protocolVersion")
-                return reply
-            except Unreachable:
-                self.endpoint = None
-                return offline_initialize(payload)
+            for retry in (False, True):
+                try:
+                    async with self.lock:
+                        if self.resolve(retry) is None:
+                            raise Unreachable("no endpoint")
+                        reply = await self.post(payload)
+                    self.protocol_version = ((reply or {}).get("result") or {}).get("protocolVersion")
+                    return reply
+                except Unreachable:
+                    self.endpoint = None
+            return offline_initialize(payload)
         try:
             reply = await self.relay(payload)
         except Unreachable as exc:
