@@ -59,11 +59,12 @@ def test_execute_code_returns_every_kind_of_output(workspace_session):
                 "code": "import sys\nprint('to stdout')\nprint('to stderr', file=sys.stderr)\n6 * 7"})
             failing = await client.call_tool("execute_code", {"code": "def f():\n    1 / 0\nf()"})
             picture = await client.call_tool("execute_code", {"code": png_display_code(png)})
+            big = await client.call_tool("execute_code", {"code": "print('y' * 40000)\n'z' * 100"})
             own_env = await client.call_tool("evaluate_code", {
                 "code": "import os\nos.environ.get('POSITRON_MCP_URL'), bool(os.environ.get('POSITRON_MCP_TOKEN'))"})
-            return plain, failing, picture, own_env
+            return plain, failing, picture, big, own_env
 
-    plain, failing, picture, own_env = run_agent(scenario)
+    plain, failing, picture, big, own_env = run_agent(scenario)
     out = structured(plain)
     assert not plain.is_error
     assert out["status"] == "ok" and out["stdout"] == "to stdout\n" and out["stderr"] == "to stderr\n"
@@ -78,12 +79,17 @@ def test_execute_code_returns_every_kind_of_output(workspace_session):
     assert structured(picture)["images"] == 1 and len(images) == 1
     assert images[0].mime_type == "image/png" and base64.b64decode(images[0].data) == png
 
+    clipped = structured(big)  # stdout, stderr and the result share 32 KiB of text
+    assert clipped["truncated"] is True and clipped["stdout"].startswith("y" * 32768)
+    assert clipped["stdout"].endswith(f"\n[... {40001 - 32768} bytes omitted ...]")
+    assert clipped["result"]["text/plain"].startswith("\n[... 102 bytes omitted ...]")
+
     url_and_token = structured(own_env)["result"]["text/plain"]
     assert f"/mcp/w/{workspace['workspace_id']}/s/{session_id}" in url_and_token and "True" in url_and_token
 
     history = server.client.call("GET", f"/sessions/{session_id}/history")
     agent_entries = [e for e in history if e.get("source") == "agent"]
-    assert [e["agent"] for e in agent_entries] == [AGENT.name] * 3  # evaluate_code leaves no entry
+    assert [e["agent"] for e in agent_entries] == [AGENT.name] * 4  # evaluate_code leaves no entry
     assert agent_entries[1]["error"]["name"] == "ZeroDivisionError"
 
 
