@@ -32,7 +32,6 @@ import gevent
 from gevent import monkey
 
 from ..config import VERSION
-from .tools import CALLER_NOTE, INSTRUCTIONS, TOOLS, call_tool
 from .workspaces import tokens_equal
 
 log = logging.getLogger(__name__)
@@ -157,18 +156,15 @@ class McpListener:
         raise OSError("no port for the MCP listener")
 
     def start(self):
-        import uvicorn  # the SDK's own dependency; imported only when a workspace registers
-
+        """Bind, then start the thread; the SDK is imported there (~0.8 s) so the hub keeps relaying."""
         self.sock = self._bind()
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(self.app(), lifespan="on", log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=1)
-        self.server = QuietServer(config)
         _start_native_thread(self._run, ())
         deadline = time.monotonic() + START_TIMEOUT
-        while not self.server.started:
+        while self.server is None or not self.server.started:
             if self._thread_done or time.monotonic() > deadline:
-                self.server.should_exit = True
+                if self.server is not None:
+                    self.server.should_exit = True
                 raise RuntimeError(f"the MCP listener did not start: {self._thread_error or 'timed out'}")
             gevent.sleep(0.01)
         log.info("MCP listener for agents on http://127.0.0.1:%d/mcp/w/<workspace>", self.port)
@@ -177,6 +173,11 @@ class McpListener:
         # asyncio.Runner cancels what is left (the SDK's session tasks) before closing the loop
         runner = asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(_NativeSelector()))
         try:
+            import uvicorn  # the SDK's own dependency
+
+            config = uvicorn.Config(self.app(), lifespan="on", log_level="warning", access_log=False,
+                                    timeout_graceful_shutdown=1)
+            self.server = QuietServer(config)
             runner.run(self.server.serve(sockets=[self.sock]))
         except BaseException as exc:  # noqa: BLE001 (reported by start/stop)
             self._thread_error = repr(exc)
@@ -187,11 +188,10 @@ class McpListener:
             self._thread_done = True
 
     def stop(self):
-        if self.server is None:
-            return
-        self.server.should_exit = True
         deadline = time.monotonic() + STOP_TIMEOUT
         while not self._thread_done and time.monotonic() < deadline:
+            if self.server is not None:
+                self.server.should_exit = True
             gevent.sleep(0.02)
         if not self._thread_done:
             log.warning("MCP listener thread did not stop within %.0f s", STOP_TIMEOUT)
@@ -202,8 +202,11 @@ class McpListener:
     # -- the ASGI application -------------------------------------------------------------
 
     def app(self):
+        """The ASGI app: the gate in front of the SDK's Streamable HTTP app (built in the listener's thread)."""
         from mcp.server.lowlevel.server import Server
         from mcp.server.transport_security import TransportSecuritySettings
+
+        from .tools import CALLER_NOTE, INSTRUCTIONS, TOOLS, call_tool
 
         hub, registry = self.hub, self.registry
 
