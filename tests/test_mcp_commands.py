@@ -2,6 +2,7 @@
 import pytest
 
 from agents import AGENT, Window, agent, run_agent, schema_validator, spawn_agent, structured
+from conftest import wait_for
 
 CATALOG = [
     {"id": "workbench.action.files.save", "description": "Save the active file", "args": []},
@@ -117,3 +118,13 @@ def test_last_window_leaving_mid_call_reports_disconnected(setup):
 async def _one(workspace, name, args):
     async with agent(workspace) as client:
         return await client.call_tool(name, args)
+
+
+def test_call_waits_for_a_window_to_attach(setup):
+    server, workspace, open_window = setup
+    pending = spawn_agent(lambda: _one(workspace, "run_positron_command", {"command_id": "positron.later"}))
+    wait_for(lambda: server.client.call("GET", "/status")["mcp"]["request_count"] == 1, 30, "the call to arrive")
+    window = open_window()  # attaches while the call waits (up to 15 s)
+    request = window.next_request()
+    window.reply(request, result="served once attached")
+    assert structured(pending.get(timeout=60))["result"] == "served once attached"

@@ -177,7 +177,7 @@ class McpListener:
 
             config = uvicorn.Config(self.app(), lifespan="on", log_level="warning", access_log=False,
                                     timeout_graceful_shutdown=1)
-            self.server = QuietServer(config)
+            self.server = quiet_server(config)
             runner.run(self.server.serve(sockets=[self.sock]))
         except BaseException as exc:  # noqa: BLE001 (reported by start/stop)
             self._thread_error = repr(exc)
@@ -229,18 +229,16 @@ class McpListener:
         return Gate(self, inner)
 
 
-class QuietServer:
+def quiet_server(config):
     """uvicorn's Server without signal handling (signals belong to the gevent side)."""
+    import uvicorn
 
-    def __new__(cls, config):
-        import uvicorn
+    class QuietServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
 
-        class _Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self):
-                yield
-
-        return _Server(config)
+    return QuietServer(config)
 
 
 class Gate:

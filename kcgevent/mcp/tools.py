@@ -5,7 +5,6 @@ result whose text starts with the error code (`SESSION_NOT_FOUND: ...`) and
 whose structured content carries `{error: {code, message}}`; every result is
 decorated with whether Positron is connected.
 """
-import base64
 import json
 import time
 
@@ -323,8 +322,3 @@ def error_result(code, message, call=None, **details):
                                   structured_content=structured, is_error=True,
                                   _meta=call.meta() if call is not None else None)
     return result
-
-
-def image_bytes(block):
-    """The decoded bytes of an ImageContent (for callers that check what they got)."""
-    return base64.b64decode(block.data)

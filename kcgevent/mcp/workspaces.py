@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 import gevent
 from gevent.event import AsyncResult, Event
 
+from ..session.wire import dumps
+
 log = logging.getLogger(__name__)
 
 ID_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
@@ -76,7 +78,6 @@ class Window:
         self.positron_version = None
 
     def send(self, frame):
-        from ..session.wire import dumps
         self.ws.send(dumps(frame))
 
 
