@@ -5,6 +5,7 @@ import json
 import pytest
 
 from agents import agent, run_agent
+from kcgevent.session.session import free_ports
 
 INITIALIZE = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
               "params": {"protocolVersion": "2025-06-18", "capabilities": {},
@@ -42,6 +43,9 @@ def test_registration_lifecycle_and_status(server):
     assert first["workspace_id"].startswith("my-data-project-") and len(first["workspace_id"]) == 22
     assert len(first["token"]) == 64 and first["url"] == f"http://127.0.0.1:{first['port']}/mcp/w/" \
                                                          f"{first['workspace_id']}"
+    assert client.call("DELETE", f"/mcp/workspaces/{first['workspace_id']}") is None
+    first = client.call("POST", "/mcp/workspaces", {"display_name": "P", "preferred_port": 70000,  # not a port
+                                                    "workspace_id": first["workspace_id"], "token": first["token"]})
     again = client.call("POST", "/mcp/workspaces", {"display_name": "Renamed", "workspace_id": first["workspace_id"],
                                                     "preferred_port": 1})
     assert again == first  # same token and port; a later preferred_port is ignored
@@ -67,6 +71,8 @@ def test_registration_lifecycle_and_status(server):
     assert client.call("GET", "/status")["mcp"] == INACTIVE
     with pytest.raises(OSError):  # the listener is gone and its port released
         post(first, headers=bearer(first))
+    port = free_ports(1)[0]
+    assert client.call("POST", "/mcp/workspaces", {"display_name": "P", "preferred_port": port})["port"] == port
 
 
 def test_auth_matrix(server):

@@ -147,7 +147,7 @@ class McpListener:
             sock = _NativeSocket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             try:
                 sock.bind(("127.0.0.1", port))
-            except OSError:
+            except (OSError, OverflowError):  # taken, or not a port number
                 sock.close()
                 log.info("MCP: port %s is taken; using another", port)
                 continue
