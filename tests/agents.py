@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import struct
 import threading
 import zlib
@@ -96,9 +97,15 @@ class Window:
     """A Positron window on the workspace channel (websocket-client, in the patched process)."""
 
     def __init__(self, server, workspace_id):
-        port = server.info["port"]
-        self.ws = websocket.create_connection(f"ws://127.0.0.1:{port}/mcp/workspaces/{workspace_id}/channel",
-                                              timeout=30, header=server.client.headers())
+        path, header = f"/mcp/workspaces/{workspace_id}/channel", server.client.headers()
+        if server.info.get("port"):
+            self.ws = websocket.create_connection(f"ws://127.0.0.1:{server.info['port']}{path}", timeout=30,
+                                                  header=header)
+        else:  # the Unix socket transport: the upgrade goes to the server's own socket
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(server.info["socket_path"])
+            self.ws = websocket.create_connection(f"ws://localhost{path}", timeout=30, header=header, socket=sock)
         self.frames = []
         self.lock = threading.Lock()
 

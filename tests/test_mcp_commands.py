@@ -128,3 +128,18 @@ def test_call_waits_for_a_window_to_attach(setup):
     request = window.next_request()
     window.reply(request, result="served once attached")
     assert structured(pending.get(timeout=60))["result"] == "served once attached"
+
+
+def test_workspace_channel_over_the_unix_socket_transport(start_server):
+    """Positron's default transport on Linux and macOS: the channel is an upgrade on the server's socket."""
+    server = start_server("--transport", "socket", token=None)  # a generated token, as Positron runs it
+    workspace = server.client.call("POST", "/mcp/workspaces", {"display_name": "Socket"})
+    window = Window(server, workspace["workspace_id"])
+    try:
+        window.hello(CATALOG, focused=True)
+        pending = spawn_agent(lambda: _one(workspace, "run_positron_command", {"command_id": "x.y"}))
+        window.reply(window.next_request(), result="over the socket")
+        assert structured(pending.get(timeout=60))["result"] == "over the socket"
+        assert server.client.call("GET", "/status")["mcp"]["workspaces"][0]["connected"] is True
+    finally:
+        window.close()
