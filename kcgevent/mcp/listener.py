@@ -7,9 +7,11 @@ selector, served by uvicorn on a socket we bind. Tool calls hop onto the
 gevent hub with the hub's thread-safe callback, run as ordinary greenlets
 against the session verbs, and hand their result back with
 `loop.call_soon_threadsafe`. Nothing in this thread touches gevent objects
-otherwise. (A greenlet-hosted asyncio loop, i.e. the patched
-`threading.Thread`, deadlocks the hub at the first tool call; measured in
-the issue note.)
+otherwise. A greenlet-hosted loop (the patched `threading.Thread`) serves
+too, but while it runs no other greenlet can use asyncio (`asyncio.run`
+raises "cannot be called from a running event loop", gevent issue 2026), and
+over the unpatched selector it blocks the hub outright; see
+tools/probe_mcp_thread.py.
 
 In front of the SDK sits a small ASGI gate, in the order of Kallichore's
 listener: routing (`/mcp/w/<workspace>[/s/<session>]`, the server card),
