@@ -181,3 +181,18 @@ def test_tool_errors_name_their_code(workspace_session, start_server):
     status = server.client.call("GET", "/status")["mcp"]
     assert status["active"] and status["request_count"] == 7  # one per tool call
     assert wait_for(lambda: get_session(server, session_id)["status"] == "idle", 10)
+
+
+def test_newest_protocol_without_initialize(workspace_session):
+    """The SDK client's default: `server/discover`, then 2026-07-28 per-request envelopes (no initialize)."""
+    server, workspace, session_id = workspace_session
+
+    async def scenario():
+        async with agent(workspace, mode="auto") as client:
+            return client.protocol_version, await client.call_tool("execute_code", {"code": "'modern'"})
+
+    version, result = run_agent(scenario)
+    assert version == "2026-07-28"
+    assert structured(result)["result"] == {"text/plain": "'modern'"}
+    entry = server.client.call("GET", f"/sessions/{session_id}/history")[-1]
+    assert (entry["input"], entry["agent"]) == ("'modern'", AGENT.name)  # clientInfo from the envelope
