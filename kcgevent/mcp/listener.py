@@ -283,26 +283,38 @@ class Gate:
                 return await respond(send, 413, "Request body too large")
         scope = dict(scope, path="/mcp", raw_path=b"/mcp",
                      kcgevent={"workspace": workspace_id, "caller": match["session"]})
-        initialize = find_initialize(body)
-        session_header = headers.get("mcp-session-id")
-        status = {}
+        await self.inner(scope, replay(body, receive),
+                         self.tracking_clients(send, workspace_id, match["session"], body, scope["method"],
+                                               headers.get("mcp-session-id")))
 
-        async def watching_send(message):
+    def tracking_clients(self, send, workspace_id, caller, body, method, session_header):
+        """A `send` that records an agent (its initialize answered) or forgets it (its DELETE answered)
+        before the response leaves, so `/status` never lags what the agent has seen."""
+        initialize = find_initialize(body)
+        hub, registry = self.listener.hub, self.registry
+
+        def connected(session_id):
+            workspace = registry.get(workspace_id)
+            if workspace is not None:
+                registry.client_connected(workspace, session_id, initialize, caller)
+
+        def disconnected():
+            workspace = registry.get(workspace_id)
+            if workspace is not None:
+                registry.client_disconnected(workspace, session_header)
+
+        async def send_tracked(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                for key, value in message.get("headers", []):
-                    if key.lower() == b"mcp-session-id":
-                        status["session"] = value.decode("latin-1")
+                code = message["status"]
+                session_id = next((v.decode("latin-1") for k, v in message.get("headers", [])
+                                   if k.lower() == b"mcp-session-id"), None)
+                if initialize is not None and code == 200 and session_id:
+                    await hub.run(connected, session_id)
+                elif method == "DELETE" and session_header and code < 300:
+                    await hub.run(disconnected)
             await send(message)
 
-        await self.inner(scope, replay(body, receive), watching_send)
-        hub, registry, caller = self.listener.hub, self.registry, match["session"]
-        if initialize is not None and status.get("code") == 200 and status.get("session"):
-            await hub.run(lambda: registry.get(workspace_id) and registry.client_connected(
-                registry.get(workspace_id), status["session"], initialize, caller))
-        elif scope["method"] == "DELETE" and session_header and status.get("code", 500) < 300:
-            await hub.run(lambda: registry.get(workspace_id) and registry.client_disconnected(
-                registry.get(workspace_id), session_header))
+        return send_tracked
 
     def token_owner(self, token):
         """The workspace whose token this is, compared in constant time (read from the hub's dicts)."""
