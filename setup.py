@@ -19,6 +19,7 @@ setup(
         "wsproto>=1.2",
         "websocket-client>=1.6",
         "mcp>=2.3",
+        "jupyter_client>=8",  # kernelspec discovery (kernel_name, `kcgevent kernelspecs`) and provisioners
     ],
     extras_require={
         "test": [
@@ -29,7 +30,11 @@ setup(
             "requests>=2.28",
             "jsonschema>=4",
             "openapi-spec-validator>=0.7",
+            "gateway_provisioners[k8s]>=0.5",  # = the "remote" extra: the SSH and Kubernetes tests run
         ],
+        # kernels launched by gateway_provisioners (SSH "distributed", Kubernetes; add
+        # gateway_provisioners[docker] or [yarn] for those)
+        "remote": ["gateway_provisioners[k8s]>=0.5"],
         "bench": ["ipykernel>=6", "jupyter_client>=8"],
     },
     entry_points={"console_scripts": ["kcgevent = kcgevent.__main__:main"]},

@@ -18,8 +18,8 @@ from .supervisor import Supervisor
 class KernelSupervisor:
     """Flask extension: a Supervisor in `app.extensions["kcgevent"]` plus the blueprint."""
 
-    def __init__(self, app=None, config=None, url_prefix=None):
-        self.supervisor = Supervisor(config or ServerConfig())
+    def __init__(self, app=None, config=None, url_prefix=None, supervisor=None):
+        self.supervisor = supervisor or Supervisor(config or ServerConfig())
         self.url_prefix = url_prefix
         if app is not None:
             self.init_app(app)
@@ -29,11 +29,11 @@ class KernelSupervisor:
         app.register_blueprint(bp, url_prefix=self.url_prefix)
 
 
-def create_app(config=None):
+def create_app(config=None, supervisor=None):
     """A standalone app serving the API at the root, with JSON errors everywhere."""
     app = Flask("kcgevent")
     app.json.sort_keys = False  # keep Kallichore's field order
-    KernelSupervisor(app, config)
+    KernelSupervisor(app, config, supervisor=supervisor)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):

@@ -4,6 +4,7 @@ With no subcommand the arguments are kcserver's (so existing launchers work
 unchanged); `run` and `sessions` are client commands for people and scripts.
 """
 import logging
+import os
 import sys
 
 import argh
@@ -51,16 +52,24 @@ def setup_logging(level_name, log_file):
 @argh.arg("--socket-dir", help="directory for the Unix sockets we create")
 @argh.arg("--unix-socket", help="serve HTTP on this Unix socket path")
 @argh.arg("--buffer-limit", type=int, help="frames kept per session for clients that are away")
+@argh.arg("--buffer-bytes", type=int, help="bytes of frames kept per session for clients that are away "
+          "(default 64 MiB)")
 @argh.arg("--shutdown-timeout", type=float, help="seconds kernels get to exit at shutdown before being killed")
-@argh.arg("--ping-interval", type=float, help="seconds between WebSocket pings (a client missing 4 is dropped)")
+@argh.arg("--ping-interval", type=float, help="seconds between WebSocket pings (a client missing 4, or whose "
+          "socket takes nothing for 3 intervals, is dropped)")
 @argh.arg("--heartbeat-interval", type=float, help="seconds between kernel heartbeats")
 @argh.arg("--heartbeat-timeout", type=float, help="seconds without a heartbeat reply before a kernel is offline")
 @argh.arg("--idle-shutdown-seconds", type=float, help="like --idle-shutdown-hours, in seconds (for tests)")
 @argh.arg("--mcp-command-timeout", type=float, help="seconds an agent's Positron command waits for the window's reply")
+@argh.arg("--state-dir", help="keep sessions here so that kernels survive a crash of the server and a server "
+          "started again on it serves them (also KCGEVENT_STATE_DIR)")
+@argh.arg("--restart-grace", type=float, help="with --state-dir: seconds kernels wait for a server to come back "
+          "before they end")
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
-          socket_dir=None, unix_socket=None, buffer_limit=100_000, shutdown_timeout=5.0, ping_interval=10.0,
-          heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None, mcp_command_timeout=45.0,
+          socket_dir=None, unix_socket=None, buffer_limit=100_000, buffer_bytes=64 << 20, shutdown_timeout=5.0,
+          ping_interval=10.0, heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None,
+          state_dir=None, restart_grace=60.0, mcp_command_timeout=45.0,
           version=False):
     """Run the kernel supervisor server."""
     if version:
@@ -68,9 +77,12 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
         return
     config = ServerConfig(idle_shutdown_hours=idle_shutdown_hours,
                           resource_sample_interval_ms=max(0, resource_sample_interval),
-                          log_level=log_level, buffer_limit=buffer_limit, shutdown_timeout=shutdown_timeout,
+                          log_level=log_level, buffer_limit=buffer_limit, buffer_bytes=buffer_bytes,
+                          shutdown_timeout=shutdown_timeout,
                           socket_dir=socket_dir, ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
                           heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds,
+                          state_dir=state_dir or os.environ.get("KCGEVENT_STATE_DIR") or None,
+                          restart_grace=max(0.0, restart_grace),
                           mcp_command_timeout=mcp_command_timeout)
     try:
         server = Server(transport=transport, port=port, token=token, unix_socket=unix_socket,
@@ -88,14 +100,14 @@ def main(argv=None):
     if argv and argv[0] == "mcp-stdio":
         from .mcp.stdio import main as mcp_stdio
         return mcp_stdio(argv[1:])
-    from .newcomer import run, sessions
-    if argv and argv[0] in ("run", "sessions"):
+    from .newcomer import kernelspecs, run, sessions
+    if argv and argv[0] in ("run", "sessions", "kernelspecs"):
         parser = argh.ArghParser(prog="kcgevent")
-        parser.add_commands([run, sessions])
+        parser.add_commands([run, sessions, kernelspecs])
         parser.dispatch(argv)
     else:
         parser = argh.ArghParser(prog="kcgevent", description="A durable supervisor for Jupyter kernels. "
                                  "Client commands: 'kcgevent run --help', 'kcgevent sessions --help', "
-                                 "'kcgevent mcp-stdio --help'.")
+                                 "'kcgevent kernelspecs --help', 'kcgevent mcp-stdio --help'.")
         parser.set_default_command(serve)
         parser.dispatch(argv)

@@ -14,7 +14,7 @@ import uuid
 
 import argh
 
-from .client import Client, execute_request, python_kernel_session
+from .client import ApiResponseError, Client, execute_request, python_kernel_session
 
 
 class PrivateServer:
@@ -70,12 +70,30 @@ def print_output(frame):
     return False
 
 
-def run_code(client, code, python, timeout):
+def new_session_body(session_id, python, kernel):
+    """A Python kernel run by `python`, or the kernelspec named `kernel` (the server resolves it)."""
+    if kernel:
+        return {"session_id": session_id, "kernel_name": kernel, "username": "kcgevent",
+                "working_directory": os.getcwd()}
+    return python_kernel_session(session_id, python, working_directory=os.getcwd())
+
+
+def run_code(client, code, python, timeout, kernel=None):
     """Run `code` in a new session of `client`'s server; the process exit status."""
     session_id = f"run-{uuid.uuid4().hex[:8]}"
-    client.call("PUT", "/sessions", python_kernel_session(session_id, python, working_directory=os.getcwd()))
     try:
-        client.call("POST", f"/sessions/{session_id}/start", timeout=timeout)
+        client.call("PUT", "/sessions", new_session_body(session_id, python, kernel))
+    except ApiResponseError as exc:
+        message = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
+        print(f"Error: {message}", file=sys.stderr)
+        return 2
+    try:
+        try:
+            client.call("POST", f"/sessions/{session_id}/start", timeout=timeout)
+        except ApiResponseError as exc:
+            error = exc.body.get("error", {}) if isinstance(exc.body, dict) else {}
+            print(f"Error: the kernel did not start: {error.get('message', exc.body)}", file=sys.stderr)
+            return 1
         ws = client.open_channel(session_id, timeout=timeout)
         try:
             request = execute_request(code)
@@ -111,16 +129,17 @@ def load_connection_file(path):
 @argh.arg("--connection-file", help="use the server described by this file (default: start a private one)")
 @argh.arg("--transport", help="transport of the private server: tcp or socket")
 @argh.arg("--python", help="the Python that runs the kernel (needs ipykernel)")
+@argh.arg("-k", "--kernel", help="run this installed kernelspec instead (see `kcgevent kernelspecs`)")
 @argh.arg("--timeout", type=float, help="seconds to wait for each step")
-def run(code=None, connection_file=None, transport="tcp", python=sys.executable, timeout=60.0):
-    """Run code in a fresh Python kernel and print its output."""
+def run(code=None, connection_file=None, transport="tcp", python=sys.executable, kernel=None, timeout=60.0):
+    """Run code in a fresh kernel (Python, or --kernel NAME) and print its output."""
     if connection_file:
-        sys.exit(run_code(Client(load_connection_file(connection_file)), code, python, timeout))
+        sys.exit(run_code(Client(load_connection_file(connection_file)), code, python, timeout, kernel))
     server = PrivateServer(transport, timeout)
     client = Client(server.info)
     try:
         client.wait_ready(timeout)
-        status = run_code(client, code, python, timeout)
+        status = run_code(client, code, python, timeout, kernel)
     finally:
         server.close(client)
     sys.exit(status)
@@ -132,3 +151,16 @@ def sessions(connection_file=None):
     listing = Client(load_connection_file(connection_file)).call("GET", "/sessions")
     for s in listing["sessions"]:
         print(f"{s['session_id']}\t{s['status']}\t{s['language']}\t{'connected' if s['connected'] else '-'}")
+
+
+@argh.arg("--as-json", help="print the full descriptions as JSON")
+def kernelspecs(as_json=False):
+    """List the installed kernelspecs: name, language, interrupt mode, provisioner, directory."""
+    from . import kernelspecs as specs
+    found = specs.find_all()
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return
+    for name, spec in found.items():
+        provisioner = (spec["provisioner"] or {}).get("name", "-")
+        print(f"{name}\t{spec['language'] or '-'}\t{spec['interrupt_mode']}\t{provisioner}\t{spec['resource_dir']}")

@@ -15,9 +15,13 @@ import gevent
 from gevent.event import Event
 
 from . import announce
-from .api.channels import session_channel_app
+from .api.channels import SocketEndpoints
 from .app import create_app
 from .config import VERSION, ServerConfig
+from .kernel_files import KernelFiles
+from .session.launcher import LauncherFactory
+from .state import StateDirError, StateStore
+from .supervisor import Supervisor
 from .transports import TransportError, open_listener, session_channels
 from .transports.select import choose_transport
 
@@ -72,22 +76,31 @@ class Server:
         self.wsgi = None
 
     def run(self):
+        state, saved = self._open_state()
+        if saved.get("transport") not in (None, self.transport):
+            log.warning("State dir: the saved server used transport %s; serving %s on a new address",
+                        saved["transport"], self.transport)
+            saved = {"token": saved.get("token"), "server_id": saved.get("server_id")}
+        self.name_pid = saved.get("name_pid") or os.getpid()  # names default socket paths: keep them
         try:
-            self.listener = open_listener(self.transport, port=self.port, unix_socket=self.unix_socket,
-                                          socket_dir=self.socket_dir, pid=os.getpid())
+            self.listener = open_listener(self.transport, port=self.port or saved.get("port") or 0,
+                                          unix_socket=self.unix_socket or saved.get("unix_socket"),
+                                          socket_dir=self.socket_dir, pid=self.name_pid)
         except TransportError as exc:
             raise ServerError(f"Failed to create transport: {exc}") from None
         print(self.listener.listening_line(), flush=True)
-        token, generated = read_token(self.token_arg)
+        if "token" in saved and (self.token_arg is None or not os.path.exists(self.token_arg)):
+            token, generated = saved["token"], False  # a restart keeps the token clients have
+        else:
+            token, generated = read_token(self.token_arg)
         if token is None:
             log.warning("Authentication is disabled (--token none): anyone who can reach the server can run code")
         elif generated and not (self.connection_file or self.handshake_socket):
             log.info("Generated random auth token: %s", token)
         self.config.token = token
         self.config.transport = self.transport
-        app = create_app(self.config)
-        supervisor = app.extensions["kcgevent"]
-        self._wire_session_endpoints(supervisor)
+        supervisor = self._make_supervisor(state, saved)
+        app = create_app(self.config, supervisor)
         supervisor.on_shutdown.append(self._stop)
         self.wsgi = self.listener.wsgi_server(app, log=None, error_log=log)
         self.wsgi.start()
@@ -99,20 +112,39 @@ class Server:
         self.stopped.wait()
         log.info("Server stopped")
 
-    def _wire_session_endpoints(self, supervisor):
-        """Per-session channel listeners for the socket and named-pipe transports."""
-        sockets = session_channels(self.transport, socket_dir=self.socket_dir, pid=os.getpid(),
+    def _open_state(self):
+        """Lock the state dir (if any) before anything else: (store or None, saved server record)."""
+        if not self.config.state_dir:
+            return None, {}
+        try:
+            state = StateStore.open(self.config.state_dir)
+        except StateDirError as exc:
+            raise ServerError(str(exc)) from None
+        return state, state.load_server()
+
+    def _make_supervisor(self, state, saved):
+        """The Supervisor and its collaborators; with a state dir, the server record is saved and the
+        saved sessions come back."""
+        endpoints = self._channel_endpoints()
+        if state is None:
+            return Supervisor(self.config, channel_endpoints=endpoints)
+        launchers = LauncherFactory(state.launcher_dir, lock=state.lock_path, grace=self.config.restart_grace,
+                                    durable=True)
+        supervisor = Supervisor(self.config, kernel_files=KernelFiles(state.kernels_dir), launchers=launchers,
+                                state=state, channel_endpoints=endpoints, server_id=saved.get("server_id"))
+        address = self.listener.describe()
+        state.save_server({"transport": self.transport, "port": address.get("port"),
+                           "unix_socket": address.get("socket_path"), "name_pid": self.name_pid,
+                           "token": self.config.token, "server_id": supervisor.server_id, "pid": os.getpid()})
+        supervisor.restore()
+        return supervisor
+
+    def _channel_endpoints(self):
+        """Per-session channel listeners for the socket and named-pipe transports (None for tcp:
+        channels are WebSocket upgrades on the main port)."""
+        sockets = session_channels(self.transport, socket_dir=self.socket_dir, pid=self.name_pid,
                                    log=None, error_log=log)
-        if sockets is None:
-            return  # tcp: channels are WebSocket upgrades on the main port
-        supervisor.session_sockets = sockets
-
-        def endpoint(session):
-            path = sockets.open(session.session_id, session_channel_app(supervisor, session.session_id))
-            session.socket_path = path
-            return path
-
-        supervisor.channel_endpoint = endpoint
+        return None if sockets is None else SocketEndpoints(sockets)
 
     def _announce(self, supervisor, token):
         info = announce.connection_info(self.listener, server_path=os.path.abspath(sys.argv[0]),

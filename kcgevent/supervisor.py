@@ -8,10 +8,7 @@ and graceful shutdown.
 import json
 import logging
 import os
-import hashlib
-import re
 import shutil
-import tempfile
 import time
 import uuid
 
@@ -21,33 +18,51 @@ import zmq.green as zmq
 
 from .config import VERSION, ServerConfig
 from .errors import ApiError, KsError, not_found
+from .kernel_files import KernelFiles
 from .mcp.workspaces import Workspaces
 from .session import win_interrupt
+from .session.launcher import LauncherFactory
 from .session.resources import ResourceSampler
 from .session.session import KernelSession, rfc3339
 
 log = logging.getLogger(__name__)
+SAVE_DELAY = 0.1  # seconds a busy/idle change may wait before the session's record is saved
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "error": logging.ERROR}
 
 
 class Supervisor:
-    def __init__(self, config=None):
+    """Given its collaborators at construction:
+
+    - `kernel_files`: where connection files go (KernelFiles);
+    - `launchers`: makes (and restores) each kernel's launcher (LauncherFactory or alike);
+    - `state`: the state dir (state.StateStore), or None: nothing outlives the server;
+    - `channel_endpoints`: per-session channel listeners for non-TCP transports (open(supervisor,
+      session) -> path, close(session_id), close_all()), or None: channels are WebSocket upgrades.
+    """
+
+    def __init__(self, config=None, *, kernel_files=None, launchers=None, state=None, channel_endpoints=None,
+                 server_id=None):
         self.config = config or ServerConfig()
-        self.server_id = str(uuid.uuid4())
+        self.kernel_files = kernel_files or KernelFiles()
+        self.launchers = launchers or LauncherFactory(self.kernel_files.launcher_dir)
+        self.state = state
+        self.channel_endpoints = channel_endpoints
+        self.server_id = server_id or str(uuid.uuid4())
         self.started = time.time()
         self._started_mono = time.monotonic()
         self.sessions = {}  # insertion order = creation order
         self.zmq_context = zmq.Context()
-        self._kernel_dir = None  # made when the first kernel file is written
-        self.session_sockets = None  # set by the server in socket mode: opens per-session listeners
-        self.channel_endpoint = None  # callable(session) -> where its channel is, for non-TCP transports
         self.on_shutdown = []  # callables run once the kernels are gone
         self.client_pid = None
         self.last_nudge = time.monotonic()
         self.shutting_down = False
         self._sampler = None
         self._idle_watch = None
+        self._checkpoint = None
+        self._dirty = set()  # sessions whose record must be saved
+        self._save_scheduled = False
+        self._save_timer = None
         self.mcp = Workspaces(self)  # MCP workspaces and the agents' listener
 
     # -- registry -------------------------------------------------------------
@@ -61,12 +76,18 @@ class Supervisor:
     def create(self, spec):
         session_id = spec["session_id"]
         argv = spec.get("argv") or []
-        if argv:
+        provisioned = (spec.get("kernelspec") or {}).get("provisioner") is not None
+        if argv and not provisioned:  # a provisioner may run argv elsewhere: it judges it
             self._check_kernel_path(argv[0], spec)
         if session_id in self.sessions:
             raise KsError("SessionExists", f"Session {session_id} already exists")
-        session = KernelSession(spec, self)
+        log_store = None
+        if self.state is not None:
+            self.state.add_session(session_id)
+            log_store = self.state.open_log(session_id, self.config.buffer_limit, self.config.buffer_bytes)
+        session = KernelSession(spec, self, log=log_store)
         self.sessions[session_id] = session
+        self.session_changed(session)
         return session
 
     def _check_kernel_path(self, program, spec):
@@ -89,38 +110,103 @@ class Supervisor:
         session.terminate()
         self.close_channel_endpoint(session)
         self.remove_kernel_files(session_id)
+        self.kernel_files.remove_launcher_dir(session_id)
         del self.sessions[session_id]
+        self._dirty.discard(session)
+        if self.state is not None:
+            session.channel.log.destroy()
+            self.state.remove_session(session_id)
 
     # -- kernel files ---------------------------------------------------------
 
-    @property
-    def kernel_dir(self):
-        """Our private (0700) directory for kernel connection files."""
-        if self._kernel_dir is None:
-            self._kernel_dir = tempfile.mkdtemp(prefix="kcgevent-")
-        return self._kernel_dir
-
-    def _kernel_file(self, session_id, kind):
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", session_id)[:40]
-        digest = hashlib.sha256(session_id.encode()).hexdigest()[:10]
-        return os.path.join(self.kernel_dir, f"{kind}_{safe}-{digest}.json")
-
     def write_kernel_file(self, session_id, kind, content):
         """Write a connection/registration file (0600, in our private dir); return its path."""
-        path = self._kernel_file(session_id, kind)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=2)
-        return path
+        return self.kernel_files.write(session_id, kind, content)
 
     def remove_kernel_files(self, session_id):
-        if self._kernel_dir is None:
+        self.kernel_files.remove(session_id)
+
+    # -- the state dir -------------------------------------------------------
+
+    def session_changed(self, session, soon=False):
+        """`session`'s record must be saved: at the end of this hub turn, or with `soon` within
+        SAVE_DELAY (however many changes meanwhile)."""
+        if self.state is None or self.shutting_down:
             return
-        for kind in ("connection", "registration"):
+        self._dirty.add(session)
+        if soon:
+            if self._save_timer is None:
+                self._save_timer = gevent.spawn_later(SAVE_DELAY, self._save_dirty)
+        elif not self._save_scheduled:
+            self._save_scheduled = True
+            gevent.get_hub().loop.run_callback(self._save_dirty)
+
+    def _save_dirty(self):
+        self._save_scheduled = False
+        if self._save_timer is not None and self._save_timer is not gevent.getcurrent():
+            self._save_timer.kill(block=False)
+        self._save_timer = None
+        dirty, self._dirty = self._dirty, set()
+        for session in dirty:
+            if self.sessions.get(session.session_id) is session and not self.shutting_down:
+                try:
+                    self.state.save_session(session.session_id, session.to_record())
+                except OSError as exc:
+                    log.error("State dir: cannot save session %s: %s", session.session_id, exc)
+
+    def _run_checkpoint(self):
+        """Save what moves without a status change (client cursors, output offsets) every second."""
+        saved = {}
+        while not self.shutting_down:
+            gevent.sleep(1.0)
+            for session in list(self.sessions.values()):
+                mark = session.progress_mark()
+                if saved.get(session.session_id) != mark:
+                    saved[session.session_id] = mark
+                    self.session_changed(session)
+
+    def restore(self):
+        """Bring back every session saved in the state dir; returns {session_id: problem} for those
+        that could not be restored whole (they are listed anyway, mostly `exited`)."""
+        problems = {}
+        for saved in self.state.load_sessions():
+            spec = (saved.record or {}).get("spec") or {"session_id": saved.session_id}
+            spec = {**spec, "session_id": saved.session_id}
             try:
-                os.unlink(self._kernel_file(session_id, kind))
-            except FileNotFoundError:
-                pass
+                log_store = self.state.open_log(saved.session_id, self.config.buffer_limit, self.config.buffer_bytes)
+            except OSError as exc:
+                log_store = None
+                problems[saved.session_id] = f"its output log is unusable ({exc})"
+            session = KernelSession(spec, self, log=log_store)
+            self.sessions[saved.session_id] = session
+            if saved.record is None:
+                session.set_status("exited", f"not restored: {saved.problem}")  # (a client sees why)
+                problems[saved.session_id] = saved.problem
+            else:
+                problem = session.restore(saved.record)
+                if problem:
+                    problems[saved.session_id] = problem
+            if not session.running:
+                self._end_unknown_kernel(saved)  # e.g. one the dead server was still starting
+            self.session_changed(session)
+        for session_id, problem in problems.items():
+            log.warning("State dir: session %s: %s", session_id, problem)
+        log.info("Restored %d session(s) from %s", len(self.sessions), self.state.path)
+        return problems
+
+    def _end_unknown_kernel(self, saved):
+        """A session whose record is lost may still have a kernel: end it (its guardian says where)."""
+        try:
+            with open(os.path.join(self.state.launcher_dir(saved.session_id), "status.json")) as f:
+                pid = json.load(f).get("guardian_pid")
+            proc = psutil.Process(pid)
+            if any(self.state.launcher_dir(saved.session_id) in part for part in proc.cmdline()):
+                victims = proc.children(recursive=True) + [proc]
+                for victim in victims:
+                    victim.kill()
+                psutil.wait_procs(victims, timeout=5)
+        except (OSError, ValueError, TypeError, AttributeError, psutil.Error):
+            pass
 
     # -- status -----------------------------------------------------------------
 
@@ -167,9 +253,15 @@ class Supervisor:
 
     # -- channels ----------------------------------------------------------------
 
+    def channel_endpoint(self, session):
+        """Where `session`'s channel listens (non-TCP transports), or None: a WebSocket upgrade here."""
+        if self.channel_endpoints is None:
+            return None
+        return self.channel_endpoints.open(self, session)
+
     def close_channel_endpoint(self, session):
-        if self.session_sockets is not None:
-            self.session_sockets.close(session.session_id)
+        if self.channel_endpoints is not None:
+            self.channel_endpoints.close(session.session_id)
 
     # -- signals -------------------------------------------------------------------
 
@@ -177,7 +269,7 @@ class Supervisor:
         if os.name == "nt":
             win_interrupt.interrupt(session.session_id)
         else:
-            session.process.interrupt()
+            session.launcher.interrupt()
 
     def windows_kernel_env(self, session):
         return win_interrupt.kernel_env(session.session_id)
@@ -216,6 +308,8 @@ class Supervisor:
         """Resource sampling and the idle-shutdown watch (call once the server runs)."""
         self._sampler = gevent.spawn(self._run_sampler)
         self._idle_watch = gevent.spawn(self._run_idle_watch)
+        if self.state is not None:
+            self._checkpoint = gevent.spawn(self._run_checkpoint)
 
     def _run_sampler(self):
         sampler = ResourceSampler()
@@ -225,8 +319,8 @@ class Supervisor:
                 gevent.sleep(0.5)
                 continue
             gevent.sleep(interval / 1000)
-            targets = {s.session_id: s.process.pid for s in self.sessions.values()
-                       if s.channel.connected and s.process is not None and not s.process.exited.is_set()}
+            targets = {s.session_id: s.launcher.pid for s in self.sessions.values()
+                       if s.channel.connected and s.launcher is not None and s.launcher.pid is not None}
             if not targets:
                 continue
             sampler.sampling_period_ms = interval
@@ -273,19 +367,26 @@ class Supervisor:
         self.shutting_down = True
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         sessions = list(self.sessions.values())
-        waiting = [s for s in sessions if s.request_shutdown() and s.process is not None]
+        waiting = [s for s in sessions if s.request_shutdown() and s.launcher is not None]
         deadline = time.monotonic() + timeout
         for session in waiting:
-            session.process.exited.wait(max(0.0, deadline - time.monotonic()))
+            session.launcher.wait(max(0.0, deadline - time.monotonic()))
         for session in sessions:
             session.terminate()
         self.mcp.shutdown()
-        if self.session_sockets is not None:
-            self.session_sockets.close_all()
-        for greenlet in (self._sampler, self._idle_watch):
+        if self.channel_endpoints is not None:
+            self.channel_endpoints.close_all()
+        for greenlet in (self._sampler, self._idle_watch, self._checkpoint):
             if greenlet is not None:
                 greenlet.kill(block=False)
-        if self._kernel_dir is not None:
-            shutil.rmtree(self._kernel_dir, ignore_errors=True)
+        close = getattr(self.launchers, "close", None)
+        if close is not None:
+            close()
+        self.kernel_files.remove_all()
+        if self.state is not None:
+            for session in sessions:
+                if session.channel.log is not None and hasattr(session.channel.log, "destroy"):
+                    session.channel.log.destroy()
+            self.state.clear_sessions()
         for callback in self.on_shutdown:
             callback()

@@ -17,9 +17,11 @@ recognise as well-formed wsproto gets every byte from then on, so wsproto's
 checks and answers (close codes, pongs, protocol errors) stay the same.
 """
 import base64
+import errno
 import hashlib
 import socket
 import struct
+import time
 
 import gevent
 from gevent.lock import Semaphore
@@ -79,7 +81,18 @@ class HandshakeError(Exception):
 
 
 class ConnectionClosed(Exception):
-    """The connection is closed (by either side, or by a socket error)."""
+    """The connection is closed (by either side, or by a socket error).
+
+    `start`: the stream offset of the write that failed, if one had begun (its bytes up to
+    `bytes_written` may have reached the peer)."""
+
+    def __init__(self, message, start=None):
+        super().__init__(message)
+        self.start = start
+
+
+class _Stalled(Exception):
+    """A send() made no progress within the send timeout."""
 
 
 _HEAD16 = struct.Struct("!BBH").pack
@@ -96,6 +109,11 @@ def frame_header(opcode, n):
     return _HEAD64(0x80 | opcode, 127, n)
 
 
+def frame_size(n):
+    """Bytes on the wire of an unmasked server frame with an `n`-byte payload."""
+    return n + (2 if n < 126 else 4 if n < 65536 else 10)
+
+
 def frame(opcode, payload):
     """One unmasked, final server frame."""
     return frame_header(opcode, len(payload)) + payload
@@ -109,22 +127,51 @@ def is_upgrade_request(environ):
     return "websocket" in environ.get("HTTP_UPGRADE", "").lower()
 
 
+def _request_file(environ):
+    wsgi_input = environ["wsgi.input"]
+    return getattr(wsgi_input, "rfile", wsgi_input)
+
+
 def socket_from_environ(environ):
     """The client socket under a gevent.pywsgi request (as simple-websocket finds it)."""
-    wsgi_input = environ["wsgi.input"]
-    rfile = getattr(wsgi_input, "rfile", wsgi_input)
-    raw = getattr(rfile, "raw", None)
+    raw = getattr(_request_file(environ), "raw", None)
     sock = getattr(raw, "_sock", None)
     if sock is None:
         raise HandshakeError("WebSocket upgrade needs gevent.pywsgi (no socket in the WSGI environ)")
     return sock
 
 
+def take_over(environ, sock):
+    """Take the connection from the WSGI server: returns the bytes it had already read past the
+    request (a client may send frames right behind its upgrade request), and closes its request
+    file so that it never parses this connection as HTTP again (pywsgi stops at a closed rfile)."""
+    rfile = _request_file(environ)
+    leftover = b""
+    if hasattr(sock, "settimeout"):  # (a Windows pipe connection has no non-blocking mode)
+        timeout = sock.gettimeout()
+        try:
+            sock.settimeout(0.0)  # peek() reads the socket only if its buffer is empty: never wait
+            leftover = rfile.peek() or b""
+        except (OSError, ValueError):
+            pass
+        finally:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
+    try:
+        rfile.close()
+    except (OSError, ValueError):
+        pass
+    return leftover
+
+
 class WebSocket:
     """One accepted WebSocket; `receive` from one greenlet, `send_frames` from any."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, send_timeout=None):
         self.sock = sock
+        self.send_timeout = send_timeout  # seconds a send may wait for the peer to take something
         self._conn = Connection(ConnectionType.SERVER)
         self._send_lock = Semaphore()
         self._pending_text = []
@@ -132,7 +179,14 @@ class WebSocket:
         self._in_message = False  # wsproto is assembling a fragmented message
         self._wsproto_only = False  # an unusual frame was seen: wsproto parses everything from then on
         self._wsproto_fed = False  # wsproto may have events to give
-        self.closed = False
+        self.closed = False  # nothing more is sent or received
+        self.close_sent = False  # our Close frame is out: no more data frames
+        self.output_shut = False  # our FIN is out
+        self.broken = False  # a write stopped part-way (or stalled): nothing more may be written
+        self.stalled = False
+        self.peer_reset = False  # the peer reset the connection (ECONNRESET)
+        self.bytes_written = 0  # every byte the kernel took from us, frames and control alike
+        self._progress_at = None  # while writing: when the write last made progress
         self.close_code = None
         self.pings_sent = 0
         self.last_pong = 0
@@ -140,7 +194,7 @@ class WebSocket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @classmethod
-    def accept(cls, environ):
+    def accept(cls, environ, send_timeout=None):
         """Answer the upgrade request in `environ` with 101 and return the connection."""
         if not is_upgrade_request(environ):
             raise HandshakeError("expected a WebSocket upgrade request (Upgrade: websocket)")
@@ -148,7 +202,8 @@ class WebSocket:
         if not key:
             raise HandshakeError("the WebSocket upgrade request has no Sec-WebSocket-Key header")
         sock = socket_from_environ(environ)
-        ws = cls(sock)
+        ws = cls(sock, send_timeout)
+        ws._rx += take_over(environ, sock)
         ws._sendall(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n\r\n"
@@ -158,54 +213,132 @@ class WebSocket:
     # -- sending -------------------------------------------------------------
 
     def _sendall(self, data):
+        """Write all of `data`; returns the stream offset it starts at. Raises ConnectionClosed."""
         with self._send_lock:
-            try:
-                # One send() usually takes it all; gevent's sendall would first ask the
-                # kernel for SO_SNDBUF (a syscall per write) to size its chunks.
-                sent = self.sock.send(data)
-                if sent < len(data):
-                    self.sock.sendall(memoryview(data)[sent:])
-            except OSError as exc:
-                self.closed = True
-                raise ConnectionClosed(str(exc)) from None
+            return self._write(data)
+
+    def _write(self, data):
+        """Write all of `data` (the send lock is held); `bytes_written` counts what the kernel took.
+
+        Each send() waits at most `send_timeout` for the socket to take something: past that
+        the peer is not reading and the connection is given up (`stalled`). A write that stops
+        part-way leaves a partial frame on the wire: the connection is `broken`, nothing more
+        may be sent on it.
+        """
+        if self.broken:
+            raise ConnectionClosed("connection is broken", start=None)
+        start = self.bytes_written
+        total, sent = len(data), 0
+        view = memoryview(data)
+        self._progress_at = time.monotonic()
+        try:
+            while sent < total:
+                # (the first send() usually takes everything: no timer for it; the pinger watches
+                # `write_stalled_for` and drops a peer that takes nothing at all)
+                timer = gevent.Timeout(self.send_timeout, _Stalled) if sent and self.send_timeout else None
+                if timer is not None:
+                    timer.start()
+                try:
+                    # One send() usually takes it all; gevent's sendall would first ask the
+                    # kernel for SO_SNDBUF (a syscall per write) to size its chunks.
+                    n = self.sock.send(view[sent:] if sent else data)
+                finally:
+                    if timer is not None:
+                        timer.close()
+                sent += n
+                self.bytes_written += n
+                self._progress_at = time.monotonic()
+        except _Stalled:
+            self.broken = self.stalled = True
+            raise ConnectionClosed(f"the peer took nothing for {self.send_timeout} s", start=start) from None
+        except OSError as exc:
+            self.closed = self.broken = True
+            if exc.errno == errno.ECONNRESET:
+                self.peer_reset = True
+            raise ConnectionClosed(str(exc), start=start) from None
+        except BaseException:  # killed mid-write (GreenletExit, Timeout)
+            if sent:
+                self.broken = True
+            raise
+        finally:
+            self._progress_at = None
+        return start
+
+    def write_stalled_for(self):
+        """Seconds the write under way has made no progress (0 when nothing is being written)."""
+        since = self._progress_at
+        return 0.0 if since is None else time.monotonic() - since
 
     def send_frames(self, payloads):
-        """Send JSON payloads (bytes) as text frames, in one write (one copy of each payload)."""
-        if self.closed:
-            raise ConnectionClosed("connection is closed")
+        """Send JSON payloads (bytes) as text frames, in one write (one copy of each payload).
+
+        Returns the stream offset where the first frame starts (`frame_size` gives each length)."""
+        if self.closed or self.close_sent:
+            raise ConnectionClosed("connection is closed", start=None)
         parts = []
         for payload in payloads:
             parts.append(frame_header(OP_TEXT, len(payload)))
             parts.append(payload)
-        self._sendall(b"".join(parts))
+        return self._sendall(b"".join(parts))
 
     def send(self, payload):
-        self.send_frames((payload,))
+        return self.send_frames((payload,))
 
     def ping(self):
-        """Send the next counter ping; False if the peer is too far behind."""
+        """Send the next counter ping; False if the peer is too far behind.
+
+        Never waits for a write under way (the writer's own progress is watched instead)."""
         if self.pings_sent - self.last_pong > MAX_UNANSWERED_PINGS:
             return False
+        if self._send_lock.locked() or self.close_sent:
+            return True
         self.pings_sent += 1
         self._sendall(frame(OP_PING, struct.pack("!Q", self.pings_sent)))
         return True
 
+    def send_close(self, code=1000, reason="", timeout=2.0, before=()):
+        """Send the text frames `before`, then a Close frame (once); never raises. The socket
+        stays open: the peer may still send (its answer, or frames it sent before seeing ours)."""
+        if self.close_sent or self.closed or self.broken:
+            return False
+        self.close_sent = True
+        data = b"".join(frame(OP_TEXT, payload) for payload in before)
+        data += frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:120])
+        try:
+            with gevent.Timeout(timeout):
+                self._sendall(data)
+            return True
+        except (ConnectionClosed, gevent.Timeout):
+            self.broken = True
+            return False
+
+    def shutdown_output(self):
+        """Half-close (FIN after what was written): the peer reads to the end, then sees EOF."""
+        if not self.output_shut:
+            self.output_shut = True
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except (OSError, AttributeError):  # (pipes cannot half-close)
+                pass
+
+    def shutdown_input(self):
+        """Stop receiving: what already arrived is still read, then the reader sees EOF."""
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except (OSError, AttributeError):
+            pass
+
     def close(self, code=1000, reason=""):
         """Send a Close frame (once) and shut the socket down; never raises."""
-        if not self.closed:
-            self.closed = True
-            try:
-                with gevent.Timeout(2):
-                    with self._send_lock:
-                        self.sock.sendall(frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:120]))
-            except (OSError, gevent.Timeout):
-                pass
+        self.send_close(code, reason)
+        self.closed = True
         self.shutdown()
 
     def shutdown(self):
+        self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+        except (OSError, AttributeError):
             pass
         self.sock.close()
 
@@ -233,6 +366,8 @@ class WebSocket:
                 return None
             except OSError as exc:
                 self.closed = True
+                if exc.errno == errno.ECONNRESET:
+                    self.peer_reset = True
                 raise ConnectionClosed(str(exc)) from None
             except RemoteProtocolError as exc:
                 self.close(1002, "protocol error")
@@ -293,8 +428,9 @@ class WebSocket:
                 self.last_pong = max(self.last_pong, struct.unpack("!Q", event.payload)[0])
         elif isinstance(event, CloseConnection):
             self.close_code = event.code
-            if not self.closed:
+            if not self.close_sent:
                 self._send_control(event.response())
+                self.close_sent = True
             self.closed = True
             raise ConnectionClosed(f"closed by peer ({event.code})")
         elif isinstance(event, BytesMessage):
@@ -302,6 +438,8 @@ class WebSocket:
         return None
 
     def _send_control(self, event):
+        if self.close_sent or self.broken:
+            return  # nothing may follow our Close frame
         try:
             self._sendall(self._conn.send(event))
         except (ConnectionClosed, LocalProtocolError):

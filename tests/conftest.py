@@ -135,6 +135,15 @@ def wait_for(predicate, timeout, what="condition", interval=0.05):
         time.sleep(interval)
 
 
+def launched_by(proc, server_pid):
+    """True if `proc` is a kernel the server launched itself: its parent is the kernel guardian the
+    server spawned (POSIX), or the server (no guardian). Not true of a kernel behind a shell."""
+    parent = proc.parent()
+    if parent is not None and parent.pid != server_pid and any("guardian.py" in p for p in parent.cmdline()):
+        parent = parent.parent()
+    return parent is not None and parent.pid == server_pid
+
+
 def pid_gone(pid):
     """True once `pid` has exited (a zombie counts as gone)."""
     try:

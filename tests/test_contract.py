@@ -449,6 +449,7 @@ def test_server_frames():
         {"executionRequested": {"msg_id": "m1", "code": "1", "requested_at": "2026-01-01T00:00:00.000Z",
                                 "attribution": {"source": "agent", "agent_name": "claude-code",
                                                 "workspace_id": "w-abc123", "tool": "execute_code"}}},
+        {"outputGap": {"reason": "The supervisor restarted"}},
         {"error": {"code": "bad_frame", "message": "not JSON"}},
     ]:
         assert v.is_valid({"kind": "kernel"} | event), event

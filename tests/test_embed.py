@@ -15,7 +15,8 @@ import time
 
 import psutil
 import websocket
-from conftest import PYTHON, fake_kernel_session, is_idle_for, new_id, pid_gone, replies_to, stream_text, summary
+from conftest import (PYTHON, fake_kernel_session, is_idle_for, launched_by, new_id, pid_gone, replies_to,
+                      stream_text, summary)
 
 from kcgevent.client import Client, execute_request
 
@@ -79,7 +80,7 @@ def test_blueprint_mounted_in_another_app():
         info = client.call("GET", f"/kernels/sessions/{session_id}")
         kernel_pid = info["process_id"]
         spawned.add(kernel_pid)
-        assert psutil.Process(kernel_pid).ppid() == proc.pid
+        assert launched_by(psutil.Process(kernel_pid), proc.pid)
 
         ws = websocket.create_connection(f"ws://127.0.0.1:{port}/kernels/sessions/{session_id}/channels",
                                          timeout=15)

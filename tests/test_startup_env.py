@@ -16,7 +16,7 @@ import time  # noqa: E402
 import gevent  # noqa: E402
 import psutil  # noqa: E402
 import pytest  # noqa: E402
-from conftest import new_id, replies_to, stream_text, wait_gone  # noqa: E402
+from conftest import launched_by, new_id, replies_to, stream_text, wait_gone  # noqa: E402
 
 from kcgevent.client import execute_request, python_kernel_session  # noqa: E402
 
@@ -82,7 +82,7 @@ def test_none_runs_the_kernel_directly_with_env_actions(server, open_channel, tm
     start_ok(server, py_body(session_id, tmp_path, startup_environment="none", env=env))
     proc = kernel_process(server, session_id)
     assert is_ipykernel(proc), proc.cmdline()
-    assert proc.ppid() == server.pid
+    assert launched_by(proc, server.pid)
     assert env_in_kernel(server, open_channel, session_id, "KC_DIRECT") == "'direct'"
 
 
@@ -92,7 +92,7 @@ def test_shell_mode_execs_the_kernel(server, open_channel, tmp_path):
     start_ok(server, py_body(session_id, tmp_path, startup_environment="shell", env=env))
     proc = kernel_process(server, session_id)
     assert is_ipykernel(proc), f"process_id is not the kernel: {proc.cmdline()}"
-    assert proc.ppid() == server.pid, "the shell did not exec the kernel"
+    assert launched_by(proc, server.pid), "the shell did not exec the kernel"
     assert env_in_kernel(server, open_channel, session_id, "KC_VIA_SHELL") == "'kept'"
 
 

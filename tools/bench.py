@@ -18,6 +18,12 @@ Starts its own `python -m kcgevent` server(s) and kernels, and measures:
    only finds the text with a regex; close to the rate the server delivers).
    The same flood read directly over ZeroMQ is the reference.
 4. with --transport socket/both: (2) and (3) over the Unix socket transport.
+5. with --durable (instead of the above): the cost of a state dir. Two TCP
+   servers, one with --state-dir; floods (raw client) alternate between them;
+   reported: messages/s and server CPU per message with and without, and the
+   time from restarting a SIGKILLed state-dir server (same command line) to
+   its sessions being served: connection file written, GET /sessions listing
+   them all, and the first execute round trip on a restored session.
 
 Round trips are measured in interleaved blocks (kcgevent, direct, kcgevent,
 ...) after a warm-up, so drift on the machine hits both sides alike. CPU
@@ -192,7 +198,7 @@ class CpuMeter:
 
 
 class KcServer:
-    def __init__(self, transport, workdir):
+    def __init__(self, transport, workdir, extra_args=()):
         self.transport = transport
         tag = f"{transport}-{uuid.uuid4().hex[:6]}"
         self.connection_file = os.path.join(workdir, f"server-{tag}.json")
@@ -204,9 +210,15 @@ class KcServer:
             os.chmod(sock_dir, 0o700)
             SCRATCH_DIRS.append(sock_dir)
             cmd += ["--socket-dir", sock_dir]
+        self.cmd = cmd + list(extra_args)
         self.out = open(os.path.join(workdir, f"server-{tag}.out"), "wb")
+        self.launch()
+
+    def launch(self):
+        """Run the server's command line (again) and wait until it serves."""
+        transport = self.transport
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.process = REAPER.track(subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT,
+        self.process = REAPER.track(subprocess.Popen(self.cmd, stdout=self.out, stderr=subprocess.STDOUT,
                                                      cwd=ROOT, env=env))
         deadline = time.monotonic() + 20
         while not os.path.exists(self.connection_file):
@@ -686,6 +698,114 @@ def bench_transport(transport, opts, workdir, results, direct_fake, direct_py):
 
 
 # ---------------------------------------------------------------------------
+# The cost of a state dir (--durable)
+
+TARGET_STATE_DIR_COST_PCT = 20.0
+
+
+def bench_durable(opts, workdir, results):
+    """Floods with and without --state-dir (alternating), then a SIGKILL + restart of the durable one."""
+    state_dir = os.path.join(workdir, "state")
+    servers = {"plain": KcServer("tcp", workdir), "state_dir": KcServer("tcp", workdir, ["--state-dir", state_dir])}
+    sessions = {}
+    for name, server in servers.items():
+        session = server.start_session(fake_session_body(f"bench-{name}-{uuid.uuid4().hex[:6]}"))
+        session.open()
+        session.roundtrip("sync")
+        sessions[name] = session
+    runs = {name: [] for name in servers}
+    for _ in range(opts.flood_repeats):
+        for name, session in sessions.items():
+            def one(n, session=session):
+                session.open()
+                session.roundtrip("sync")
+                return session.flood_raw(n)
+            pids = {"server": servers[name].pid, "kernel": session.kernel_pid}
+            runs[name].append(flood_runs(name, one, opts.flood, 1, pids)["runs"][0])
+    for name, rs in runs.items():
+        results[name] = {"median_rate": statistics.median(r["rate"] for r in rs),
+                         "server_us_per_msg": statistics.median(1e6 * r["cpu_server_s"] / opts.flood for r in rs),
+                         "ok": all(r["ok"] for r in rs), "runs": rs}
+    # Round trips (each execute changes the status twice: busy, idle), interleaved in blocks.
+    times = {name: [] for name in servers}
+    cpu = {name: 0.0 for name in servers}
+    for session in sessions.values():
+        session.open()
+        session.roundtrip("sync")
+    for _ in range(max(1, opts.n // opts.block)):
+        for name, session in sessions.items():
+            before = cpu_seconds(servers[name].pid)
+            times[name] += [session.roundtrip("sync") for _ in range(opts.block)]
+            cpu[name] += cpu_seconds(servers[name].pid) - before
+    for name in servers:
+        results[name]["rt_median_ms"] = 1000 * statistics.median(times[name])
+        results[name]["rt_server_us"] = 1e6 * cpu[name] / len(times[name])
+    for session in sessions.values():
+        session.close()
+
+    # Restart: a few more sessions, SIGKILL, the same command line again.
+    durable = servers["state_dir"]
+    ids = [sessions["state_dir"].session_id]
+    for i in range(3):
+        ids.append(durable.start_session(fake_session_body(f"bench-more{i}-{uuid.uuid4().hex[:6]}")).session_id)
+    # One of them holds a backlog: a flood no client has read (kept on disk, recovered at restart).
+    backlog = KcSession(durable, ids[1])
+    backlog.open()
+    backlog.roundtrip("sync")
+    backlog.ws.send(json.dumps(execute_request(f"flood {opts.backlog}")))
+    backlog.close()
+    deadline = time.monotonic() + 120
+    time.sleep(1)  # (the session is still idle until the kernel takes the request)
+    while durable.client.call("GET", f"/sessions/{ids[1]}")["status"] != "idle":
+        if time.monotonic() > deadline:
+            raise BenchError("the backlog flood did not finish within 120 s")
+        time.sleep(0.1)
+    REAPER.snapshot()
+    time.sleep(1.2)  # one checkpoint of the records
+    durable.process.kill()
+    durable.process.wait(10)
+    os.unlink(durable.connection_file)
+    t0 = now()
+    durable.launch()
+    t_file = now() - t0  # (launch waits for the connection file and GET /status)
+    listed = durable.client.call("GET", "/sessions")["sessions"]
+    t_listed = now() - t0
+    assert sorted(s["session_id"] for s in listed) == sorted(ids), listed
+    session = KcSession(durable, ids[-1])
+    session.open()
+    session.roundtrip("sync")
+    t_served = now() - t0
+    session.close()
+    results["restart"] = {"sessions": len(ids), "backlog": opts.backlog, "to_status_s": t_file,
+                          "to_sessions_listed_s": t_listed,
+                          "to_first_round_trip_s": t_served}
+
+
+def report_durable(results, opts):
+    plain, durable, restart = results.get("plain"), results.get("state_dir"), results.get("restart")
+    lines = ["", f"The cost of a state dir (TCP, fake kernel, raw client, flood {opts.flood} x {opts.flood_repeats}, "
+             "alternating):"]
+    for label, r in (("without --state-dir", plain), ("with --state-dir", durable)):
+        if r:
+            lines.append(f"  {label:20s} {r['median_rate']:8.0f} msg/s  server CPU {r['server_us_per_msg']:.1f} us/msg"
+                         f"  {'all in order' if r['ok'] else 'LOST/UNORDERED'};  round trip {r['rt_median_ms']:.3f} ms"
+                         f" (median), server CPU {r['rt_server_us']:.0f} us/round trip")
+    if plain and durable:
+        rate_cost = 100 * (1 - durable["median_rate"] / plain["median_rate"])
+        cpu_cost = 100 * (durable["server_us_per_msg"] / plain["server_us_per_msg"] - 1)
+        results["cost_pct"] = {"throughput": rate_cost, "server_cpu_per_msg": cpu_cost}
+        met = max(rate_cost, cpu_cost) <= TARGET_STATE_DIR_COST_PCT
+        lines.append(f"  cost: throughput {rate_cost:+.1f}%, server CPU per message {cpu_cost:+.1f}%  "
+                     f"({'MET' if met else 'NOT MET'}: <= {TARGET_STATE_DIR_COST_PCT:g}%)")
+    if restart:
+        lines.append(f"  restart after SIGKILL ({restart['sessions']} sessions, one with {restart['backlog']} unread "
+                     "messages on disk): GET /status answers after "
+                     f"{restart['to_status_s']:.2f} s, sessions listed after {restart['to_sessions_listed_s']:.2f} s, "
+                     f"first round trip on a restored session after {restart['to_first_round_trip_s']:.2f} s")
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------------------
 # Output
 
 TARGET_OVERHEAD_PCT = 10.0
@@ -803,6 +923,10 @@ def parse_args(argv=None):
     p.add_argument("--validate-utf8", action="store_true",
                    help="let websocket-client validate UTF-8 in Python (slow; off by default)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, connection files)")
+    p.add_argument("--backlog", type=int, default=100_000,
+                   help="with --durable: unread messages in one session's log at the restart (default 100000)")
+    p.add_argument("--durable", action="store_true",
+                   help="measure the cost of --state-dir and the restart time instead (see 5. above)")
     opts = p.parse_args(argv)
     opts.n = opts.n or (50 if opts.quick else 300)
     opts.flood_repeats = opts.flood_repeats or (1 if opts.quick else 3)
@@ -827,6 +951,13 @@ def main(argv=None):
     failed = interrupted = False
     direct = []
     try:
+        if opts.durable:
+            print(f"state dir: floods {opts.flood} x {opts.flood_repeats}, then a restart", flush=True)
+            durable_results = results.setdefault("durable", {})
+            guarded(durable_results, "run", lambda: bench_durable(opts, workdir, durable_results))
+            report_durable(durable_results, opts)
+            failed = "error" in durable_results.get("run", {}) if durable_results.get("run") else False
+            return 1 if failed else 0
         print("starting direct fake kernel", flush=True)
         direct_fake = DirectKernel("fake", workdir, opts.full_deserialize)
         direct.append(direct_fake)

@@ -42,24 +42,32 @@ def serve_channel(supervisor, session, environ):
     if not is_upgrade_request(environ):
         raise ApiError(400, "400", "This endpoint needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
     after = resume_position(environ)
+    channel = session.channel
+    with channel.arriving():
+        try:
+            ws = WebSocket.accept(environ, send_timeout=channel.send_timeout)
+        except HandshakeError as exc:
+            raise ApiError(400, "400", str(exc)) from None
+        supervisor.nudge()
+        client = channel.attach(ws, after)
     try:
-        ws = WebSocket.accept(environ)
-    except HandshakeError as exc:
-        raise ApiError(400, "400", str(exc)) from None
-    supervisor.nudge()
-    client = session.channel.attach(ws, after)
-    try:
+        # Every complete frame the client sent is delivered, also after a takeover began: the
+        # old connection is read until the client answers our Close (or the handover bound).
         while True:
             text = ws.receive()
             if text == "":
                 break  # as in Kallichore, an empty text frame ends the connection
             reply = session.handle_client_frame(text)
             if reply is not None:
-                ws.send(reply)
+                try:
+                    ws.send(reply)
+                except ConnectionClosed:
+                    pass  # closing: the reply has nowhere to go, but the next frames are still read
     except ConnectionClosed:
         pass
     finally:
-        session.channel.detach(client)
+        client.reader_done.set()
+        channel.detach(client)
     return AlreadyHandled()
 
 
@@ -84,3 +92,21 @@ def session_channel_app(supervisor, session_id):
             return fail(f"{exc.status} Error", exc.message.replace('"', "'"))
 
     return app
+
+
+class SocketEndpoints:
+    """Per-session channel listeners (Unix sockets, named pipes) as the Supervisor's `channel_endpoints`."""
+
+    def __init__(self, sockets):
+        self.sockets = sockets
+
+    def open(self, supervisor, session):
+        path = self.sockets.open(session.session_id, session_channel_app(supervisor, session.session_id))
+        session.socket_path = path
+        return path
+
+    def close(self, session_id):
+        self.sockets.close(session_id)
+
+    def close_all(self):
+        self.sockets.close_all()

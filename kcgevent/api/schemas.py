@@ -145,6 +145,9 @@ class NewSessionSchema(Schema):
     run_in_shell = fields.Boolean(
         metadata={"description": "Legacy; true is startup_environment shell.", "deprecated": True},
     )
+    kernel_name = fields.String(
+        metadata={"description": "Our extension: an installed kernelspec that fills what the body omits."},
+    )
 
 
 class RestartSessionSchema(Schema):

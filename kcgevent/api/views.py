@@ -11,6 +11,7 @@ import uuid
 from flask import Blueprint, current_app, g, jsonify, request
 from marshmallow import ValidationError
 
+from .. import kernelspecs
 from ..errors import ApiError, StartupError
 from .channels import serve_channel
 from .contract import operation
@@ -67,8 +68,10 @@ def startup_error(exc):
     return response
 
 
-def load_body(name, required=True):
-    """Validate the JSON body against schema `name`; a clear 400 when it doesn't fit."""
+def load_body(name, required=True, prepare=None):
+    """Validate the JSON body against schema `name`; a clear 400 when it doesn't fit.
+
+    `prepare(data)` may complete the raw body first (a NewSession naming a kernelspec)."""
     schema = SCHEMAS[name]()
     raw = request.get_data(cache=True)
     if not raw.strip():
@@ -81,7 +84,7 @@ def load_body(name, required=True):
     if not isinstance(data, dict):
         raise ApiError(400, "400", f"Couldn't parse body parameter {name}: expected a JSON object")
     try:
-        loaded = schema.load(data)
+        loaded = schema.load(prepare(data) if prepare else data)
     except ValidationError as exc:
         raise ApiError(400, "400", f"Couldn't parse body parameter {name} - doesn't match schema: "
                        f"{_describe(exc.messages)}") from None
@@ -118,7 +121,9 @@ def list_sessions():
 @operation("new-session", "Create a session (it is not started)", body="newSession", body_required=True,
            responses={200: "object", 400: ERROR, 401: None})
 def new_session():
-    spec = load_body("newSession")
+    kspec = kernelspecs.resolve_for(request.get_json(silent=True))
+    spec = kernelspecs.attach(load_body("newSession", prepare=lambda body: kernelspecs.fill_new_session(body, kspec)),
+                              kspec)
     if spec.pop("run_in_shell", False) and spec["startup_environment"] == "none":
         spec["startup_environment"] = "shell"  # the 2025 client's way of asking for a shell
     session = supervisor().create(spec)
@@ -197,8 +202,9 @@ def interrupt_session(session_id):
 def channels_upgrade(session_id):
     sup = supervisor()
     session = sup.get(session_id)
-    if sup.channel_endpoint is not None:
-        return jsonify(sup.channel_endpoint(session))
+    endpoint = sup.channel_endpoint(session)
+    if endpoint is not None:
+        return jsonify(endpoint)
     return serve_channel(sup, session, request.environ)
 
 

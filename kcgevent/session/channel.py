@@ -3,153 +3,148 @@
 Everything a session says (kernel messages and supervisor events) is appended
 to one log with increasing sequence numbers. A writer greenlet per attached
 client sends from its cursor, many frames per write. Because the log outlives
-connections, nothing is lost when the client goes away:
+connections, nothing is lost or repeated when the client goes away:
 
 - while no client is attached, frames wait in the log;
+- what the client's side acknowledged before its connection ended counts as
+  delivered; everything else goes to the next client. The measure is taken
+  once the connection is really over, not when the client's EOF arrives
+  (frames still in flight then are mostly read by the client): the writer
+  stops at a frame boundary, the server half-closes, and waits until the peer
+  has everything, is gone, or takes nothing for DRAIN_TIMEOUT (DRAIN_LIMIT in all);
+  whatever is then still unacknowledged is discarded (TCP reset) and resent.
+  See delivery.py for what "acknowledged" means on TCP and on Unix sockets;
 - on handover (a second client connects) the old writer stops at a frame
-  boundary, the old client gets `clientDisconnected` and a Close, and the new
-  client starts exactly where the old one stopped;
-- when a connection drops, frames the peer's TCP never acknowledged
-  (`TIOCOUTQ`, Linux) are sent again to the next client;
+  boundary, the old client gets `clientDisconnected` and a Close, its reader
+  goes on delivering the frames it sent meanwhile, and the new client starts
+  where the old one's delivery ended, measured the same way;
 - a client that says where it is (`?after=N`, N = the last `seq` it
-  processed) gets `seq` in every frame and resumes exactly after N: this is
-  the exactly-once path, for clients that can use it.
+  processed) gets `seq` in every frame and resumes exactly after N;
+- a client whose socket takes nothing for `MAX_UNANSWERED_PINGS` ping
+  intervals, or that leaves more pings unanswered, is dropped (pings never
+  wait for a blocked writer); what it did not acknowledge goes to the next.
 
-The log is bounded (`limit` frames). Frames already sent go first; if unsent
-frames must be dropped, the next client is told with a `messagesDropped`
-event naming the sequence range.
+Each client's end is settled once (`Client.end`): a drop, a handover and the
+pinger may all ask, and all get the same resume point.
+
+The log is bounded in frames and in bytes. Delivered frames are freed as soon
+as acknowledged (beyond the newest KEEP_DELIVERED_BYTES, kept for `?after=`
+clients that resume a little earlier than their socket acknowledged); then
+sent frames go; if frames nobody received must go, the next client is told
+with a `messagesDropped` event naming the sequence range.
 """
+# Storage interface the Channel expects from its log (OutboundLog in outbound_log.py keeps frames in
+# memory; a file-backed log must offer the same, with the same meaning):
+#   append(frame: bytes) -> seq        seqs start at 1 and grow by one per frame, never reused
+#   read(seq, max_frames, max_bytes)   [(seq, frame)] from max(seq, first_seq) on, in order
+#   first_seq, next_seq, len(log)      oldest kept seq, seq of the next append, frames kept
+#   nbytes, limit, byte_limit          bytes kept, the two bounds (byte_limit may be None)
+#   over_limit() -> bool               more than `limit` frames or `byte_limit` bytes (newest always kept)
+#   trim(keep_from) -> (first, last) | None
+#                                      enforce the bounds: frames before keep_from go first; returns the
+#                                      range of the others that had to go (reported as messagesDropped)
+#   forget_delivered(delivered_upto, keep_bytes) -> count
+#                                      forget acknowledged frames except the newest keep_bytes of them
+#   forget_before(seq) -> count, clear()
+# The Channel calls these from one greenlet at a time and never holds a frame after handing it to the
+# socket, so a store may drop its copy (or page it out) as soon as forget_* / trim say so.
+import collections
+import ctypes
+import ctypes.util
 import logging
-import struct
-
-try:
-    import fcntl
-    import termios
-except ImportError:  # Windows: no TIOCOUTQ; drops replay from the client's cursor
-    fcntl = termios = None
+import time
+from array import array
+from bisect import bisect_right
+from contextlib import contextmanager
 
 import gevent
 from gevent.event import Event
+from gevent.lock import Semaphore
 
+from . import delivery
+from .outbound_log import OutboundLog
 from .wire import kernel_event
-from ..websocket import ConnectionClosed
+from ..websocket import MAX_UNANSWERED_PINGS, ConnectionClosed, frame_size
 
 log = logging.getLogger(__name__)
 
-BATCH_FRAMES = 512
-BATCH_BYTES = 1 << 20
 PING_INTERVAL = 10.0
-HANDOVER_TIMEOUT = 2.0
+DRAIN_TIMEOUT = 2.0  # how long a dropped or replaced client may take nothing of what was already sent
+DRAIN_LIMIT = 10.0  # how long it may take in all
+CLOSE_TIMEOUT = 1.0  # how long a writer gets to finish its write when the session goes
+POLL_INTERVAL = 0.005
+IDLE_CHECK = 1.0  # an idle writer looks at the acknowledgements this often (to free delivered frames)
+KEEP_DELIVERED_BYTES = 8 << 20  # more than any socket buffer: what a `?after=` client can miss
 DISCONNECT_REASON = "Another client is connecting to this session."
 
 
-def unacked_bytes(sock):
-    """Bytes written to `sock` that its peer has not acknowledged (0 if unknown)."""
-    if fcntl is None or not hasattr(termios, "TIOCOUTQ"):
-        return 0
+def release_memory():
+    """Give freed heap memory back to the system (glibc keeps it otherwise)."""
+    if _libc is not None:
+        try:
+            _libc.malloc_trim(0)
+        except (AttributeError, OSError):
+            pass
+
+
+def _load_libc():
+    name = ctypes.util.find_library("c")
     try:
-        buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-        return struct.unpack("i", buf)[0]
-    except (OSError, ValueError, AttributeError):
-        return 0
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
 
 
-class OutboundLog:
-    """Frames with sequence numbers; the oldest are forgotten past `limit`.
+_libc = _load_libc()
 
-    Forgetting only advances `_head`; the list is compacted once half of it
-    is forgotten, so trimming stays O(1) amortized even at the limit.
-    """
 
-    def __init__(self, limit):
-        self.limit = max(1, limit)
-        self._frames = []
-        self._head = 0  # index in _frames of first_seq
-        self._first_seq = 1
-        self.changed = Event()
-
-    def __len__(self):
-        return len(self._frames) - self._head
-
-    @property
-    def next_seq(self):
-        return self._first_seq + len(self)
-
-    @property
-    def first_seq(self):
-        return self._first_seq
-
-    def append(self, frame):
-        self._frames.append(frame)
-        self.changed.set()
-
-    def read(self, seq, max_frames=BATCH_FRAMES, max_bytes=BATCH_BYTES):
-        """Frames from `seq` on (a batch), as a list of (seq, frame)."""
-        start = self._head + max(seq, self._first_seq) - self._first_seq
-        out, size = [], 0
-        for i in range(start, min(len(self._frames), start + max_frames)):
-            frame = self._frames[i]
-            out.append((self._first_seq + i - self._head, frame))
-            size += len(frame)
-            if size >= max_bytes:
-                break
-        return out
-
-    def _forget(self, count):
-        self._head += count
-        self._first_seq += count
-        if self._head > len(self._frames) // 2:
-            del self._frames[:self._head]
-            self._head = 0
-
-    def trim(self, keep_from):
-        """Enforce the limit, forgetting frames before `keep_from` (already sent) first.
-
-        Returns the (first, last) seqs of unsent frames that had to go, or None.
-        """
-        overflow = len(self) - self.limit
-        if overflow <= 0:
-            return None
-        sent = max(0, min(keep_from, self.next_seq) - self._first_seq)
-        self._forget(min(sent, overflow))
-        overflow = len(self) - self.limit
-        if overflow <= 0:
-            return None
-        lost = (self._first_seq, self._first_seq + overflow - 1)
-        self._forget(overflow)
-        return lost
+def gap_notice(first, last):
+    return kernel_event("messagesDropped", {"count": last - first + 1, "first_seq": first, "last_seq": last})
 
 
 class Client:
-    """One attached WebSocket and the greenlet that writes the log to it."""
+    """One attached WebSocket, the greenlet that writes the log to it, and what it was given."""
 
     def __init__(self, channel, ws, cursor, with_seq):
         self.channel = channel
         self.ws = ws
-        self.cursor = cursor
+        self.cursor = cursor  # next seq to write
+        self.delivered = cursor  # frames before this seq are acknowledged by the peer
         self.with_seq = with_seq
-        self.sent = []  # (seq, end byte offset) of frames in flight, for TIOCOUTQ
-        self.bytes_sent = 0
+        self._batches = collections.deque()  # (first seq, end offsets) of writes not yet acknowledged
+        self._tcp = delivery.is_tcp(ws.sock)
         self.stopping = False
+        self.ending = None  # how it ended: "dropped", "replaced", "unresponsive" or "closing"
+        self.ended = Event()
+        self.resume = None  # first seq the peer did not get, once ended
+        self.reader_done = Event()  # the greenlet reading the client's frames has finished
         self.writer = None
         self.pinger = None
 
+    # -- writing -------------------------------------------------------------
+
     def run_writer(self):
-        log_ = self.channel.log
+        channel = self.channel
         try:
             while not self.stopping:
-                batch = log_.read(self.cursor)
+                if self.cursor < channel.log.first_seq:  # the bound forced out frames never sent to us
+                    self.ws.send(gap_notice(self.cursor, channel.log.first_seq - 1))
+                    self.cursor = channel.log.first_seq
+                batch = channel.log.read(self.cursor)
                 if not batch:
-                    log_.changed.clear()
-                    log_.changed.wait()
+                    self.note_delivery()
+                    channel.forget_delivered(self)
+                    channel.changed.clear()
+                    channel.changed.wait(IDLE_CHECK if self._batches else None)
                     continue
-                notice = self.channel.take_drop_notice()  # frames this client fell too far behind for
-                if notice is not None:
-                    self.ws.send(notice)
                 self._send(batch)
-                self.channel.on_progress()
+                self.note_delivery()
+                channel.on_progress(self)
         except ConnectionClosed:
-            pass
+            if not self.stopping:  # the socket failed under the writer: settle the end now
+                how = "unresponsive" if self.ws.stalled else "dropped"
+                gevent.spawn(channel.detach, self, how)
 
     def _send(self, batch):
         payloads = []
@@ -157,146 +152,258 @@ class Client:
             if self.with_seq:
                 frame = frame[:-1] + b',"seq":%d}' % seq
             payloads.append(frame)
-            self.bytes_sent += len(frame) + (2 if len(frame) < 126 else 4 if len(frame) < 65536 else 10)
-            self.sent.append((seq, self.bytes_sent))
-        self.ws.send_frames(payloads)
-        self.cursor = batch[-1][0] + 1
-        if len(self.sent) > 4 * BATCH_FRAMES:
-            del self.sent[: len(self.sent) - 2 * BATCH_FRAMES]
+        try:
+            start = self.ws.send_frames(payloads)
+        except ConnectionClosed as exc:
+            if exc.start is not None:
+                self._record(batch[0][0], exc.start, payloads)
+            raise
+        self._record(batch[0][0], start, payloads)
+
+    def _record(self, first_seq, start, payloads):
+        ends, pos = array("q"), start
+        for payload in payloads:
+            pos += frame_size(len(payload))
+            ends.append(pos)
+        self._batches.append((first_seq, ends))
+        self.cursor = first_seq + len(payloads)
+
+    # -- what the peer has -----------------------------------------------------
+
+    def note_delivery(self):
+        """Advance `delivered` to what the peer's side has acknowledged (see delivery.py)."""
+        if not self._batches:
+            return
+        ws = self.ws
+        pending = delivery.pending(ws.sock)
+        if pending is None:  # nothing known (Windows, named pipes): what was written counts, as before
+            acked = ws.bytes_written
+        elif self._tcp:
+            if ws.output_shut and pending > 0:
+                pending -= 1  # our FIN
+            acked = ws.bytes_written - pending
+        else:  # Unix: zero means all read, unless the peer threw unread data away
+            if pending != 0:
+                return
+            if ws.peer_reset or delivery.take_reset(ws.sock):
+                ws.peer_reset = True
+                return
+            acked = ws.bytes_written
+        batches = self._batches
+        while batches:
+            first, ends = batches[0]
+            if ends[-1] <= acked:
+                batches.popleft()
+                self.delivered = first + len(ends)
+                continue
+            self.delivered = max(self.delivered, first + bisect_right(ends, acked))
+            break
+
+    def _peer_done(self):
+        """Whether waiting longer can change what the peer gets."""
+        ws = self.ws
+        if self.delivered >= self.cursor or ws.broken or ws.peer_reset:
+            return True
+        return self._tcp and delivery.tcp_over(ws.sock)
+
+    # -- the end -----------------------------------------------------------------
+
+    def end(self, how):
+        """Settle how this client's connection ends (once); returns the first seq it did not get.
+
+        `how`: "dropped" (the peer left), "replaced" (another client takes over),
+        "unresponsive" (the pinger gave up on it) or "closing" (the session goes).
+        """
+        if self.ending is not None:
+            self.ended.wait()
+            return self.resume
+        self.ending = how
+        try:
+            self._finish(how)
+        finally:
+            self.note_delivery()
+            self.resume = self.delivered
+            if self.resume < self.cursor:
+                delivery.abort(self.ws.sock)  # the peer must never read later what goes to the next client
+            else:
+                self.ws.shutdown()
+            self.ws.closed = True
+            self.ended.set()
+        return self.resume
+
+    def _finish(self, how):
+        ws = self.ws
+        self.stopping = True
+        self.channel.changed.set()
+        current = gevent.getcurrent()
+        if self.pinger is not None and self.pinger is not current:
+            self.pinger.kill(block=False)
+        draining = how in ("dropped", "replaced")
+        deadline = time.monotonic() + (DRAIN_TIMEOUT if draining else CLOSE_TIMEOUT)
+        if self.writer is not None and self.writer is not current:
+            if how == "unresponsive":
+                self.writer.kill(block=True, timeout=1)
+            else:  # let it finish the write under way: the peer gets whole frames
+                self.writer.join(max(0.0, deadline - time.monotonic()))
+                if not self.writer.dead:
+                    self.writer.kill(block=True, timeout=1)
+        if how == "replaced":
+            ws.send_close(1000, "replaced by another client", timeout=max(0.1, deadline - time.monotonic()),
+                          before=(kernel_event("clientDisconnected", DISCONNECT_REASON),))
+        elif how == "closing":
+            ws.send_close(1001, "session deleted", timeout=max(0.1, deadline - time.monotonic()))
+        if not draining:
+            return
+        if not ws.broken:
+            ws.shutdown_output()
+        # Wait while the peer keeps taking what was sent (however slowly: a loaded machine), but
+        # give up after DRAIN_TIMEOUT without progress, and after DRAIN_LIMIT in any case.
+        limit = time.monotonic() + DRAIN_LIMIT
+        last_pending = None
+        while True:
+            self.note_delivery()
+            if self._peer_done():
+                break
+            now = time.monotonic()
+            pending = delivery.pending(ws.sock)
+            if pending != last_pending:
+                last_pending, deadline = pending, max(deadline, now + DRAIN_TIMEOUT)
+            if now >= min(deadline, limit):
+                break
+            gevent.sleep(POLL_INTERVAL)
+        if how == "replaced":
+            # The reader delivers the frames already received, then sees EOF (SHUT_RD keeps them).
+            ws.shutdown_input()
+            self.reader_done.wait(CLOSE_TIMEOUT)
+
+    # -- liveness ------------------------------------------------------------------
 
     def run_pinger(self):
+        """Ping every interval; drop the client if its socket stays unwritable or pings go unanswered."""
+        ws = self.ws
+        interval = self.channel.ping_interval
         try:
-            while not self.ws.closed:
-                if not self.ws.ping():
-                    log.warning("session %s: client stopped answering pings; dropping it", self.channel.session_id)
-                    self.ws.shutdown()
+            while self.ending is None:
+                gevent.sleep(interval)
+                if self.ending is not None:
                     return
-                gevent.sleep(self.channel.ping_interval)
+                if ws.write_stalled_for() > interval * MAX_UNANSWERED_PINGS:
+                    why = "its socket took nothing"
+                elif not ws.ping():
+                    why = "it stopped answering pings"
+                else:
+                    continue
+                log.warning("session %s: dropping a client: %s for %.0f s", self.channel.session_id, why,
+                            interval * MAX_UNANSWERED_PINGS)
+                gevent.spawn(self.channel.detach, self, "unresponsive")
+                return
         except ConnectionClosed:
             pass
-
-    def first_unacknowledged(self):
-        """The first seq the peer's TCP did not acknowledge (the cursor if all were)."""
-        pending = unacked_bytes(self.ws.sock)
-        if pending <= 0:
-            return self.cursor
-        acked_upto = self.bytes_sent - pending
-        for seq, end in self.sent:
-            if end > acked_upto:
-                return seq
-        return self.cursor
 
 
 class Channel:
     """The session's outbound log plus the currently attached client, if any."""
 
-    def __init__(self, session_id, limit, ping_interval=PING_INTERVAL):
+    def __init__(self, session_id, limit, ping_interval=PING_INTERVAL, byte_limit=None, log=None):
         self.session_id = session_id
-        self.log = OutboundLog(limit)
+        self.log = OutboundLog(limit, byte_limit) if log is None else log  # log: e.g. a FileLog
+        self.changed = Event()  # set when frames are appended (wakes the writer)
         self.ping_interval = ping_interval
-        self.client = None
+        self.client = None  # the attached client (until its end is settled)
         self.cursor = 1  # where the next client without `after` starts
         self.on_connect_change = None  # callback(connected: bool)
-        self._lost = None  # (first, last) seqs of unsent frames dropped and not yet reported
+        self._attach_lock = Semaphore()  # one attach at a time: each waits for the previous client's end
+        self._arriving = 0  # connections upgraded (or upgrading) and not yet attached
+
+    @property
+    def send_timeout(self):
+        """How long a write may wait for the peer to take anything before the client is dropped."""
+        return self.ping_interval * MAX_UNANSWERED_PINGS
 
     @property
     def connected(self):
-        return self.client is not None
+        """A client is attached (or arriving), and it is not on its way out."""
+        client = self.client
+        return self._arriving > 0 or (client is not None and client.ending is None)
+
+    @contextmanager
+    def arriving(self):
+        """Count a connection as connected from its upgrade on (before it can be attached)."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     def publish(self, frame):
         self.log.append(frame)
-        if len(self.log) > self.log.limit:
+        self.changed.set()
+        if self.log.over_limit():
             self._trim()
 
     def event(self, name, payload):
         self.publish(kernel_event(name, payload))
 
-    def on_progress(self):
-        if len(self.log) > self.log.limit:
+    def on_progress(self, client):
+        self.forget_delivered(client)
+        if self.log.over_limit():
             self._trim()
 
-    def _trim(self):
-        keep = self.client.cursor if self.client else self.cursor
-        lost = self.log.trim(keep)
-        if lost:
-            if self.client:
-                self.client.cursor = max(self.client.cursor, self.log.first_seq)
-            self.cursor = max(self.cursor, self.log.first_seq)
-            self._lost = lost if self._lost is None else (self._lost[0], lost[1])
+    def forget_delivered(self, client):
+        if client is self.client:
+            self.log.forget_delivered(client.delivered, KEEP_DELIVERED_BYTES)
 
-    def take_drop_notice(self):
-        """A `messagesDropped` frame for unsent frames the limit forced out (once), or None."""
-        if self._lost is None:
-            return None
-        (first, last), self._lost = self._lost, None
-        return kernel_event("messagesDropped", {"count": last - first + 1, "first_seq": first, "last_seq": last})
+    def _trim(self):
+        """Over a bound: sent frames go first, then the oldest unsent ones (a gap the next reader
+        is told about, see Client.run_writer and attach)."""
+        client = self.client
+        lost = self.log.trim(client.cursor if client is not None and client.ending is None else self.cursor)
+        if lost:
+            log.debug("session %s: the buffer bound dropped frames %d..%d", self.session_id, *lost)
 
     def attach(self, ws, after=None):
         """Make `ws` the session's client, replacing (and notifying) any current one."""
-        old = self.client
-        if old is not None:
-            self._hand_over(old)
-        cursor = self.cursor if after is None else max(int(after) + 1, 1)
-        if after is not None and cursor < self.log.first_seq:
-            ws.send(kernel_event("messagesDropped", {
-                "count": self.log.first_seq - cursor, "first_seq": cursor, "last_seq": self.log.first_seq - 1}))
-            cursor = self.log.first_seq
-            self._lost = None  # that notice covers them
-        else:
-            notice = self.take_drop_notice()
-            if notice is not None:
-                ws.send(notice)
-        cursor = min(cursor, self.log.next_seq)
-        client = Client(self, ws, cursor, with_seq=after is not None)
-        self.client = client
-        client.writer = gevent.spawn(client.run_writer)
-        client.pinger = gevent.spawn(client.run_pinger)
-        if self.on_connect_change:
-            self.on_connect_change(True)
+        with self._attach_lock:
+            old = self.client
+            if old is not None:
+                self._settle(old, "replaced")
+            cursor = self.cursor if after is None else max(int(after) + 1, 1)
+            cursor = min(cursor, self.log.next_seq)
+            if cursor < self.log.first_seq:
+                try:
+                    ws.send(gap_notice(cursor, self.log.first_seq - 1))
+                    cursor = self.log.first_seq
+                except ConnectionClosed:
+                    pass  # gone already: its end is settled as usual, and the next client is told
+            client = Client(self, ws, cursor, with_seq=after is not None)
+            self.client = client
+            client.writer = gevent.spawn(client.run_writer)
+            client.pinger = gevent.spawn(client.run_pinger)
+        self._notify()
         return client
 
-    def _hand_over(self, old):
-        """Stop the old writer at a frame boundary, then tell the old client it was replaced."""
-        old.stopping = True
-        self.log.changed.set()
-        finished = old.writer.join(HANDOVER_TIMEOUT) is not None or old.writer.dead
-        if not old.writer.dead:
-            old.writer.kill(block=True, timeout=1)
-        self.cursor = old.cursor if finished else old.first_unacknowledged()
-        try:
-            with gevent.Timeout(HANDOVER_TIMEOUT):
-                old.ws.send(kernel_event("clientDisconnected", DISCONNECT_REASON))
-        except (ConnectionClosed, gevent.Timeout):
-            pass
-        old.ws.close(1000, "replaced by another client")
-        self._stop(old)
+    def _settle(self, client, how):
+        """End `client` (or wait for the end already under way) and keep its resume point."""
+        resume = client.end(how)
+        if self.client is client:
+            self.cursor = resume
+            self.client = None
+            self.log.forget_delivered(resume, KEEP_DELIVERED_BYTES)
+        return resume
 
-    def detach(self, client):
-        """`client`'s connection ended (closed, dropped or timed out)."""
-        if self.client is not client:
-            return  # already replaced; the handover settled its cursor
-        client.stopping = True
-        self.log.changed.set()
-        client.writer.kill(block=True, timeout=1)
-        self.cursor = client.first_unacknowledged()
-        client.ws.shutdown()
-        self._stop(client)
-        self.client = None
+    def detach(self, client, how="dropped"):
+        """`client`'s connection ended (closed, dropped or unresponsive)."""
+        self._settle(client, how)
+        self._notify()
+
+    def _notify(self):
         if self.on_connect_change:
-            self.on_connect_change(False)
-
-    def _stop(self, client):
-        if client.pinger is not None:
-            client.pinger.kill(block=False)
+            self.on_connect_change(self.connected)
 
     def close(self):
-        """The session is going away: close any client."""
+        """The session is going away: close any client, free the log."""
         client = self.client
         if client is not None:
-            client.stopping = True
-            self.log.changed.set()
-            client.writer.join(HANDOVER_TIMEOUT)
-            client.writer.kill(block=True, timeout=1)
-            client.ws.close(1001, "session deleted")
-            self._stop(client)
-            self.client = None
+            self._settle(client, "closing")
+        self.log.clear()
+        release_memory()

@@ -13,7 +13,7 @@ import socket
 import time
 from datetime import datetime, timezone
 
-import psutil
+import gevent
 
 from ..errors import KsError, StartupError
 from . import process as proc_mod
@@ -21,9 +21,11 @@ from . import wire
 from .channel import Channel
 from . import execute as execute_mod
 from .execution_queue import ExecutionQueue
-from .handshake import HandshakeFailed, Registration, wants_handshake
+from .handshake import HandshakeFailed, NoHandshake, Registration, SilentKernelProbe, wants_handshake
+from .iopub_capture import CaptureMerge
 from .history import RECENT_ENTRIES, ExecutionHistory
 from .kernel import KernelConnectError, KernelConnection
+from .launcher import LaunchError, LaunchRequest
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def rfc3339(ts):
 class KernelSession:
     """A session as created by `PUT /sessions`, and the kernel it runs."""
 
-    def __init__(self, spec, supervisor):
+    def __init__(self, spec, supervisor, log=None):
         self.spec = spec
         self.session_id = spec["session_id"]
         self.supervisor = supervisor
@@ -70,10 +72,11 @@ class KernelSession:
         self.kernel_info = {}
         self.initial_env = {}
         self.connection_info_ = None
-        self.process = None
+        self.launcher = None  # the KernelLauncher of the current (or last) kernel instance
         self.connection = None
         self.resource_usage = None
-        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval)
+        self.channel = Channel(self.session_id, config.buffer_limit, config.ping_interval, config.buffer_bytes,
+                               log=log)
         self.channel.on_connect_change = self._on_connect_change
         self.queue = ExecutionQueue()
         self.history = ExecutionHistory()
@@ -98,6 +101,8 @@ class KernelSession:
             self.queue.clear()
         self.channel.event("status", {"status": status, "reason": reason})
         self.supervisor.on_session_status(self, status)
+        # busy/idle change with every execute: saved within SAVE_DELAY rather than at once
+        self.supervisor.session_changed(self, soon=status in ("busy", "idle"))
 
     @property
     def running(self):
@@ -130,14 +135,18 @@ class KernelSession:
                                              "the kernel did not start"})
             self._held = []
 
-    def _start(self):
+    def _start(self, handshake=True):
         argv = list(self.spec.get("argv") or [])
         if not argv:
             raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: "
                                        "No arguments provided", status=500))
         self.set_status("starting", "start API called")
         registration = None
-        if wants_handshake(self.protocol_version):
+        provisioned = (self.spec.get("kernelspec") or {}).get("provisioner") is not None
+        if provisioned:  # the provisioner writes (and keeps across restarts) its own connection file
+            self.connection_info_ = None
+            conn_file = self.supervisor.kernel_files.path(self.session_id, "provisioned")
+        elif handshake and wants_handshake(self.protocol_version):
             registration = Registration(self.supervisor.zmq_context, self.key)
             conn_file = self.supervisor.write_kernel_file(self.session_id, "registration",
                                                           registration.file_content())
@@ -145,35 +154,42 @@ class KernelSession:
             self.connection_info_ = self._new_connection_info()
             conn_file = self.supervisor.write_kernel_file(self.session_id, "connection", self.connection_info_)
         try:
-            process = self._spawn(proc_mod.substitute_argv(argv, conn_file))
+            launcher = self._launch(proc_mod.substitute_argv(argv, conn_file), conn_file)
         except StartupError:
             if registration is not None:
                 registration.socket.close(0)
             raise
-        self.process = process
-        return self._connect_started(process, registration)
+        self.launcher = launcher
+        try:
+            return self._connect_started(launcher, registration, conn_file)
+        except NoHandshake as exc:
+            log.warning("session %s: %s; starting it again with a connection file", self.session_id, exc)
+            self._exit_token = None  # this exit is ours, not news for the client
+            launcher.kill()
+            launcher.wait(5)
+            launcher.cleanup()
+            return self._start(handshake=False)
 
-    def _spawn(self, argv):
+    def _launch(self, argv, conn_file):
+        """Start the kernel through a new launcher (StartupError if it cannot be started)."""
         env = proc_mod.resolve_env(self.env_actions)
         if os.name == "nt":
             env.update(self.supervisor.windows_kernel_env(self))
         env.update(self.supervisor.mcp.kernel_env(self))
         self.initial_env = env
-        try:
-            plan = proc_mod.plan_startup(argv, env, self.working_directory,
-                                         self.spec.get("startup_environment", "none"),
-                                         self.spec.get("startup_environment_arg"))
-        except proc_mod.StartupScriptError as exc:
-            self.set_status("exited", "startup script not found")
-            raise StartupError(KsError("ProcessStartFailed", str(exc), status=500)) from None
         token = self._exit_token = object()
+        launcher = self.supervisor.launchers.new(self, self._on_output, lambda code: self._on_exit(token, code))
+        request = LaunchRequest(argv, env, self.working_directory, conn_file, self.connection_info_,
+                                self.spec.get("startup_environment", "none"),
+                                self.spec.get("startup_environment_arg"), self.session_id)
         try:
-            return proc_mod.KernelProcess.spawn(plan, self._on_output,
-                                                on_exit=lambda code: self._on_exit(token, code))
-        except proc_mod.SpawnError as exc:
-            self.set_status("exited", f"failed to spawn process: {exc}")
-            raise StartupError(KsError("ProcessStartFailed", f"Failed to start process for session: {exc}",
-                                       status=500), exit_code=exc.errno) from None
+            launcher.start(request)
+        except LaunchError as exc:
+            self.set_status("exited", exc.reason)
+            raise StartupError(KsError("ProcessStartFailed", exc.message, status=500), exit_code=exc.errno) from None
+        if launcher.connection_info is not None:
+            self.connection_info_ = dict(launcher.connection_info)
+        return launcher
 
     def _new_connection_info(self):
         ports = free_ports(5)
@@ -181,46 +197,52 @@ class KernelSession:
                 "iopub_port": ports[4], "signature_scheme": "hmac-sha256", "key": self.key,
                 "transport": "tcp", "ip": "127.0.0.1"}
 
-    def _connect_started(self, process, registration):
-        """Handshake (JEP 66), connect and kernel_info; on failure kill what we spawned."""
+    def _connect_started(self, launcher, registration, conn_file):
+        """Handshake (JEP 66), connect and kernel_info; on failure kill what we spawned.
+
+        A kernel told to register that does not is noticed by SilentKernelProbe: its ports are
+        used if it wrote them into the file, else NoHandshake goes up to _start."""
         timeout = float(self.spec.get("connection_timeout") or 30)
 
         def exited():
-            return "The kernel exited before a connection could be established" if process.exited.is_set() else None
+            return ("The kernel exited before a connection could be established"
+                    if launcher.poll() is not None else None)
 
         phase = "handshake" if registration else "connect"
         try:
             if registration is not None:
-                ports = registration.wait(timeout, exited)
+                probe = SilentKernelProbe(conn_file, launcher.pid)
+                ports = registration.wait(timeout, exited, probe)
                 self.connection_info_ = {**ports, "signature_scheme": "hmac-sha256", "key": self.key,
                                          "transport": "tcp", "ip": "127.0.0.1"}
-                self.channel.event("handshakeCompleted", [self.session_id, self.connection_info_])
+                if not probe.found_in_file:  # only a real registration is a completed handshake
+                    self.channel.event("handshakeCompleted", [self.session_id, self.connection_info_])
                 phase = "connect"
             return self._connect(self.connection_info_, timeout, exited)
         except (HandshakeFailed, KernelConnectError) as exc:
-            raise self._startup_failure(process, phase, exc) from None
+            raise self._startup_failure(launcher, phase, exc) from None
 
-    def _startup_failure(self, process, phase, exc):
-        process.kill_tree()
-        process.exited.wait(5)
-        output = process.startup_output()
+    def _startup_failure(self, launcher, phase, exc):
+        launcher.kill()
+        launcher.wait(5)
+        output = launcher.startup_output()
         if exc.kind == "aborted":
-            code = process.exit_code
+            code = launcher.poll()
             if phase == "handshake":
-                error = KsError("ExitedBeforeConnection", str(exc), details=process.describe_failure("exit"))
+                error = KsError("ExitedBeforeConnection", str(exc), details=launcher.describe_failure("exit"))
             else:
-                error = KsError("ProcessAbnormalExit", f"The process exited abnormally (exit status: {code})",
-                                details=process.describe_failure("exit"))
+                error = KsError("ProcessAbnormalExit", f"The launcher exited abnormally (exit status: {code})",
+                                details=launcher.describe_failure("exit"))
             return StartupError(error, exit_code=code, output=output)
         if phase == "handshake":
             error = KsError("HandshakeFailed", f"JEP 66 handshake failed for session {self.session_id}: {exc}",
-                            details=process.describe_failure("connect"))
+                            details=launcher.describe_failure("connect"))
         elif exc.kind == "timeout":
-            error = KsError("SessionConnectionTimeout", str(exc), details=process.describe_failure("connect"))
+            error = KsError("SessionConnectionTimeout", str(exc), details=launcher.describe_failure("connect"))
         else:
             error = KsError("SessionConnectionFailed", f"Failed to connect to session's ZeroMQ sockets: {exc}",
-                            details=process.describe_failure("connect"))
-        return StartupError(error, exit_code=process.exit_code, output=output)
+                            details=launcher.describe_failure("connect"))
+        return StartupError(error, exit_code=launcher.poll(), output=output)
 
     def _connect(self, info, timeout, should_abort):
         """Connect ZeroMQ, wait for kernel_info with a live iopub, then start relaying."""
@@ -234,6 +256,8 @@ class KernelSession:
             conn.close()
             raise
         self.connection = conn
+        if self.launcher is not None:
+            self.launcher.kernel_connected(info)
         self.kernel_info = reply or {}
         self._adopt_prompts(self.kernel_info)
         for msg, raw in early:
@@ -242,6 +266,7 @@ class KernelSession:
         config = self.supervisor.config
         conn.start_heartbeat(self._on_heartbeat, config.heartbeat_interval, config.heartbeat_timeout)
         self.set_status("idle", "kernel_info_reply")
+        self.supervisor.session_changed(self)
         self._flush_held()
         return self.kernel_info
 
@@ -341,7 +366,7 @@ class KernelSession:
 
     def _check_working_directory(self):
         """Emit workingDirChanged when the kernel's cwd moved (after an execute)."""
-        cwd = self.process.cwd() if self.process is not None else None
+        cwd = self.launcher.cwd() if self.launcher is not None else None
         if not cwd:
             return
         if self._known_cwd is None:
@@ -349,12 +374,13 @@ class KernelSession:
         if cwd != self._known_cwd:
             self._known_cwd = self.working_directory = cwd
             self.channel.event("workingDirChanged", cwd)
+            self.supervisor.session_changed(self)
 
     # -- verbs ----------------------------------------------------------------------
 
     def interrupt(self):
         if self.spec.get("interrupt_mode", "message") == "signal":
-            if self.process is None or self.process.exited.is_set():
+            if self.launcher is None or self.launcher.poll() is not None:
                 raise KsError("SessionInterruptFailed",
                               f"Failed to interrupt session {self.session_id}: No process ID to interrupt")
             self.supervisor.interrupt_process(self)
@@ -369,13 +395,13 @@ class KernelSession:
         if not self.running:
             raise KsError("SessionNotRunning", f"Session {self.session_id} is not running")
         self.queue.clear()
-        process = self.process
-        if process is None or process.exited.is_set():
+        launcher = self.launcher
+        if launcher is None or launcher.poll() is not None:
             raise KsError("NoProcess", f"There is no process associated with session {self.session_id} "
                           "(has it exited?)")
-        process.kill_tree()
-        if not process.exited.wait(5):
-            raise KsError("ProcessNotFound", f"Can't find process {process.pid} for session {self.session_id}",
+        pid = launcher.pid
+        if not launcher.kill() and launcher.wait(5) is None:
+            raise KsError("ProcessNotFound", f"Can't find process {pid} for session {self.session_id}",
                           details="the process did not exit after SIGKILL")
 
     def restart(self, working_directory=None, env=None):
@@ -400,11 +426,8 @@ class KernelSession:
                 self.working_directory = path
                 return
             log.warning("session %s: restart directory %r is not a directory; ignored", self.session_id, requested)
-        if self.process is not None and not self.process.exited.is_set():
-            try:
-                cwd = psutil.Process(self.process.pid).cwd()
-            except (psutil.Error, OSError):
-                return
+        if self.launcher is not None and self.launcher.poll() is None:
+            cwd = self.launcher.cwd()
             if cwd and cwd != self.working_directory:
                 self.working_directory = cwd
                 self.channel.event("workingDirChanged", cwd)
@@ -412,13 +435,14 @@ class KernelSession:
     def _stop_for_restart(self):
         """Ask the kernel to shut down for a restart; kill it if it won't."""
         self.queue.clear()
-        process = self.process
-        if process is not None and not process.exited.is_set():
+        launcher = self.launcher
+        if launcher is not None and launcher.poll() is None:
+            launcher.shutdown_requested(restart=True)
             if self.connection is not None:
                 self.connection.send("control", "shutdown_request", {"restart": True})
-            if not process.exited.wait(self.supervisor.config.shutdown_timeout):
-                process.kill_tree()
-                process.exited.wait(5)
+            if launcher.wait(self.supervisor.config.shutdown_timeout) is None:
+                launcher.kill()
+                launcher.wait(5)
         elif self.connection is not None:  # an adopted kernel: we can only let go of it
             self.connection.close()
             self.connection = None
@@ -426,6 +450,8 @@ class KernelSession:
     def request_shutdown(self):
         """Ask a running kernel to exit (server shutdown); True if one was asked."""
         if self.connection is not None:
+            if self.launcher is not None and self.launcher.poll() is None:
+                self.launcher.shutdown_requested(restart=False)
             try:
                 self.connection.send("control", "shutdown_request", {"restart": False})
             except Exception:  # the socket may already be gone
@@ -435,8 +461,10 @@ class KernelSession:
 
     def terminate(self):
         """Make sure nothing of this session outlives the server."""
-        if self.process is not None and not self.process.exited.is_set():
-            self.process.kill_tree()
+        if self.launcher is not None:
+            if self.launcher.poll() is None:
+                self.launcher.kill()
+            self.launcher.cleanup()
         if self.connection is not None:
             self.connection.close()
             self.connection = None
@@ -449,6 +477,7 @@ class KernelSession:
         self._busy_verb = "adopt"
         timeout = float(self.spec.get("connection_timeout") or 30)
         self.set_status("starting", "adopt API called")
+        self.launcher = None  # (a kernel we did not start: no launcher)
         try:
             reply = self._connect(dict(info), timeout, lambda: None)
         except KernelConnectError as exc:
@@ -459,7 +488,7 @@ class KernelSession:
         finally:
             self._end_verb()
         self.connection_info_ = dict(info)
-        self.process = None
+        self.launcher = None
         return reply
 
     def connection_info(self):
@@ -471,16 +500,137 @@ class KernelSession:
         self.resource_usage = sample
         self.channel.event("resourceUsage", sample)
 
+    # -- surviving the supervisor (state dir) -----------------------------------------------------
+
+    def to_record(self):
+        """What a restarted server needs to serve this session again (JSON-able)."""
+        channel = self.channel
+        if hasattr(channel.log, "flush"):
+            channel.log.flush()  # the seqs recorded here are on disk
+        client = channel.client
+        cursor = channel.cursor
+        if client is not None and not client.with_seq:
+            client.note_delivery()
+            cursor = client.delivered  # what its side acknowledged: it does not get that again
+        return {"session_id": self.session_id, "spec": self.spec, "key": self.key, "status": self.status,
+                "status_reason": self.status_reason, "working_directory": self.working_directory,
+                "connection_info": self.connection_info_, "kernel_info": self.kernel_info,
+                "created": self.created, "initial_env": self.initial_env, "env_actions": self.env_actions,
+                "input_prompt": self.input_prompt, "continuation_prompt": self.continuation_prompt,
+                "launcher": self.launcher.to_state() if self.launcher is not None else None,
+                "cursor": cursor, "log_first_seq": channel.log.first_seq, "log_next_seq": channel.log.next_seq}
+
+    def progress_mark(self):
+        """What changes without a status change (output delivered, clients' positions): the state dir's
+        checkpoint saves the record when this differs from last time."""
+        log_ = self.channel.log
+        client = self.channel.client
+        offsets = self.launcher.to_state().get("offsets") if self.launcher is not None else None
+        return (self.status, log_.first_seq, log_.next_seq, self.channel.cursor, getattr(client, "delivered", None),
+                repr(offsets))
+
+    def restore(self, record):
+        """Take up where a server that died left this session (`record` from to_record()).
+
+        A kernel that still runs is reached again through its launcher and ZeroMQ; one that died
+        meanwhile leaves the session `exited`. Returns a problem to report, or None.
+        """
+        self.key = record.get("key") or self.key
+        self.env_actions = list(record.get("env_actions") or [])
+        self.working_directory = record.get("working_directory", self.working_directory)
+        self.input_prompt = record.get("input_prompt", self.input_prompt)
+        self.continuation_prompt = record.get("continuation_prompt", self.continuation_prompt)
+        self.created = record.get("created", self.created)
+        self.kernel_info = record.get("kernel_info") or {}
+        self.initial_env = record.get("initial_env") or {}
+        self.connection_info_ = record.get("connection_info")
+        log_ = self.channel.log
+        problem = "; ".join(getattr(log_, "damage", []) or []) or None
+        if log_.next_seq < record.get("log_next_seq", 0):
+            log_.skip_to(record["log_next_seq"])  # frames clients may have seen were lost: never reuse seqs
+        log_.forget_before(record.get("log_first_seq", 1))
+        self.channel.cursor = max(log_.first_seq, min(int(record.get("cursor") or 1), log_.next_seq))
+        status = record.get("status", "exited")
+        self.status, self.status_reason = status, record.get("status_reason")
+        if status not in RUNNING:
+            return problem
+        self.channel.event("outputGap", {"reason": "The supervisor restarted: what the kernel published on "
+                                         "iopub between the supervisor's end and its guardian's first "
+                                         "listening may be lost"})
+        launcher_state = record.get("launcher")
+        if launcher_state is not None:
+            token = self._exit_token = object()
+            try:
+                self.launcher = self.supervisor.launchers.restore(
+                    launcher_state, self._on_output, lambda code: self._on_exit(token, code))
+            except (ValueError, KeyError, TypeError) as exc:
+                self.set_status("exited", f"the kernel cannot be found again: {exc}")
+                return f"the kernel cannot be found again ({exc})"
+            code = self.launcher.poll()
+            if code is not None:
+                self.set_status("exited", "the kernel exited while no supervisor ran")
+                self.channel.event("exited", code)
+                self.supervisor.remove_kernel_files(self.session_id)
+                return problem
+        if status == "starting" or not self.connection_info_:
+            if self.launcher is not None:
+                self.launcher.kill()
+            self.set_status("exited", "the supervisor died while the kernel was starting")
+            return problem
+        self._reconnect()
+        return problem
+
+    def _reconnect(self):
+        """Connect ZeroMQ to the running kernel again; relay at once, learn its state in the background."""
+        conn = KernelConnection(self.supervisor.zmq_context, self.connection_info_, self.session_id,
+                                self.spec.get("username", ""), self.protocol_version)
+        conn.connect()
+        self.connection = conn
+        now = time.monotonic()
+        self.idle_since = now if self.status in ("idle", "ready") else None
+        self.busy_since = now if self.status == "busy" else None
+        gevent.spawn(self._resume_relay, conn)
+
+    def _resume_relay(self, conn):
+        timeout = float(self.spec.get("connection_timeout") or 30)
+        launcher = self.launcher
+
+        def exited():
+            return "the kernel exited" if launcher is not None and launcher.poll() is not None else None
+
+        relay = self._on_kernel_message
+        capture = launcher.iopub_capture() if launcher is not None else None
+        if capture is not None:
+            relay = CaptureMerge(capture, relay, conn.signer, self.session_id)
+        reply = None
+        try:
+            reply = conn.kernel_info(timeout, exited, relay)
+            if capture is not None:
+                relay.iopub_live()  # kernel_info saw our own subscription deliver
+        except KernelConnectError as exc:
+            log.warning("session %s: no kernel_info from the kernel after the restart (%s); relaying anyway",
+                        self.session_id, exc)
+        if conn is not self.connection:
+            return  # exited or replaced meanwhile
+        if reply:
+            self.kernel_info = reply
+            if self.status in ("busy", "offline"):
+                self.set_status("idle", "kernel_info_reply after a supervisor restart")
+        conn.start_pump(relay)
+        config = self.supervisor.config
+        conn.start_heartbeat(self._on_heartbeat, config.heartbeat_interval, config.heartbeat_timeout)
+
     # -- views ------------------------------------------------------------------------
 
     def to_json(self):
         now = time.monotonic()
         data = {
             "session_id": self.session_id,
-            "argv": list(self.spec.get("argv") or []),
+            "argv": list(getattr(self.launcher, "cmd", None) or self.spec.get("argv") or []),  # a provisioner's own
         }
-        if self.process is not None and not self.process.exited.is_set():
-            data["process_id"] = self.process.pid
+        pid = self.launcher.pid if self.launcher is not None and self.launcher.poll() is None else None
+        if pid is not None:
+            data["process_id"] = pid
         data.update({
             "username": self.spec.get("username", ""),
             "display_name": self.spec.get("display_name", ""),
