@@ -64,19 +64,20 @@ def test_history_records_and_clips(python_session):
     server, session_id = python_session
     execute(server, session_id, "print('x' * 100_000)")
     execute(server, session_id, "1 / 0")
-    execute(server, session_id, "'not recorded'", store_history=False)
-    execute(server, session_id, "'not recorded either'", silent=True)
+    execute(server, session_id, "'not recorded'", silent=True)
+    execute(server, session_id, "'no kernel history, but recorded'", store_history=False)
     execute(server, session_id, "'last'")
     history = server.client.call("GET", f"/sessions/{session_id}/history")
-    assert [e["input"] for e in history] == ["print('x' * 100_000)", "1 / 0", "'last'"]
+    assert [e["input"] for e in history] == ["print('x' * 100_000)", "1 / 0", "'no kernel history, but recorded'",
+                                             "'last'"]
     big = history[0]
     assert big["truncated"] is True
     omitted = 100_001 - 4096  # 100 000 x and a newline, less the two kept 2 KiB halves
     assert big["output"] == "x" * 2048 + f"\n[... {omitted} bytes omitted ...]\n" + "x" * 2047 + "\n"
     assert history[1]["error"]["name"] == "ZeroDivisionError" and history[1]["truncated"] is False
-    assert history[2]["output"] == "'last'\n" and "source" not in history[2]
+    assert history[3]["output"] == "'last'\n" and "source" not in history[3]
     assert all(isinstance(e["timestamp"], int) for e in history)
-    assert get_session(server, session_id)["history"] == history  # the last 3 in ActiveSession
+    assert get_session(server, session_id)["history"] == history[1:]  # the last 3 in ActiveSession
 
 
 def test_history_keeps_the_last_hundred(python_session):

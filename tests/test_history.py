@@ -21,11 +21,13 @@ def test_entry_collects_output_and_attribution():
     assert not history.open  # the reply and the idle closed it
 
 
-def test_silent_and_no_history_requests_are_not_recorded():
+def test_silent_requests_and_evaluate_code_are_not_recorded():
     history = ExecutionHistory()
     assert history.started("a", {"code": "1", "silent": True}) is None
-    assert history.started("b", {"code": "1", "store_history": False}) is None
+    evaluate = {"attribution": {"source": "agent", "tool": "evaluate_code"}}
+    assert history.started("b", {"code": "1", "store_history": False}, evaluate) is None
     assert history.to_json() == []
+    assert history.started("c", {"code": "2", "store_history": False}) is not None  # any other origin is kept
 
 
 def test_errors_from_the_error_message_or_the_reply():

@@ -143,14 +143,15 @@ class ExecutionHistory:
         self.open = OrderedDict()  # msg_id -> Entry still receiving kernel messages
 
     def started(self, msg_id, content, metadata=None, now=None):
-        """An execute_request went to the kernel; silent and no-history requests are not recorded."""
-        if content.get("silent") or content.get("store_history") is False:
+        """An execute_request went to the kernel; silent ones and agents' evaluate_code are not recorded."""
+        attribution = (metadata or {}).get("attribution")
+        if content.get("silent") or (isinstance(attribution, dict) and attribution.get("tool") == "evaluate_code"):
             return None
         code = content.get("code")
         if not isinstance(code, str):
             return None
         stamp = int((time.time() if now is None else now) * 1000)
-        entry = Entry(msg_id, code, stamp, (metadata or {}).get("attribution"))
+        entry = Entry(msg_id, code, stamp, attribution)
         self.entries.append(entry)
         self.open[msg_id] = entry
         while len(self.open) > OPEN_LIMIT:
