@@ -60,6 +60,8 @@ def test_bridge_relays_to_the_workspace_named_by_the_environment(workspace_sessi
     assert structured(listed)["sessions"][0]["session_id"] == session_id
     entry = server.client.call("GET", f"/sessions/{session_id}/history")[-1]
     assert entry["agent"] == AGENT.name  # the client's initialize was replayed upstream
+    status = server.client.call("GET", "/status")["mcp"]
+    assert status["request_count"] == 2 and status["workspaces"][0]["clients"] == []  # ended on exit
 
 
 def test_bridge_finds_the_workspace_in_the_connections_directory(workspace_session, tmp_path):

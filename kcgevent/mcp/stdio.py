@@ -9,7 +9,8 @@ connections directory Positron writes (`connections.json` and the
 workspace's descriptor with its token); `POSITRON_MCP_URL` and
 `POSITRON_MCP_TOKEN`; the workspace whose folder most deeply contains the
 current directory. The client's `initialize` is replayed to every new
-upstream, and the upstream's `mcp-session-id` is kept. A refused request
+upstream, and the upstream's `mcp-session-id` is kept (and ended with a
+DELETE when stdin closes). A refused request
 (401, 403, 404, 503) or an unreachable endpoint re-resolves and retries once.
 While no endpoint answers, the bridge answers `initialize`, `ping` and
 `tools/list` itself (with the real tool list) and fails tool calls with
@@ -160,6 +161,16 @@ class Bridge:
                 await self.connect(retry=True)
             return await self.post(payload)
 
+    async def close(self):
+        """End the upstream protocol session (so the workspace stops listing this agent); best effort."""
+        if self.endpoint is None or not self.session_id:
+            return
+        with anyio.move_on_after(2):
+            try:
+                await self.http.delete(self.endpoint[0], headers=self.headers())
+            except httpx2.HTTPError:
+                pass
+
     # -- answering ------------------------------------------------------------------------
 
     async def handle(self, message):
@@ -267,6 +278,7 @@ async def serve(connections_dir, workspace_id):
                     tasks.start_soon(answer, item.message)
                 tasks.cancel_scope.cancel()  # stdin is closed: the agent is gone
             await write_stream.aclose()  # ends the transport's writer, so the bridge exits
+        await bridge.close()
 
 
 def main(argv=None):
