@@ -165,8 +165,7 @@ class McpListener:
         deadline = time.monotonic() + START_TIMEOUT
         while self.server is None or not self.server.started:
             if self._thread_done or time.monotonic() > deadline:
-                if self.server is not None:
-                    self.server.should_exit = True
+                self.stop()
                 raise RuntimeError(f"the MCP listener did not start: {self._thread_error or 'timed out'}")
             gevent.sleep(0.01)
         log.info("MCP listener for agents on http://127.0.0.1:%d/mcp/w/<workspace>", self.port)

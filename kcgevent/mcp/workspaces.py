@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 import gevent
 from gevent.event import AsyncResult, Event
 
+from ..errors import ApiError
 from ..session.wire import dumps
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Workspaces:
 
     def register(self, body):
         """Create or refresh a workspace; returns (McpWorkspace dict, created)."""
+        self._ensure_listener(body.get("preferred_port"))  # first: a listener that fails records nothing
         display_name = str(body.get("display_name") or "").strip() or "workspace"
         wanted = body.get("workspace_id")
         workspace_id = wanted if valid_id(wanted) else None
@@ -163,7 +165,6 @@ class Workspaces:
             created = True
         else:
             workspace.display_name = display_name
-        self._ensure_listener(body.get("preferred_port"))
         return self.describe(workspace), created
 
     def describe(self, workspace):
@@ -201,8 +202,13 @@ class Workspaces:
         factory = self._listener_factory
         if factory is None:
             from .listener import McpListener as factory
-        self.listener = factory(self, preferred_port or 0)
-        self.listener.start()
+        listener = factory(self, preferred_port or 0)
+        try:
+            listener.start()
+        except (OSError, RuntimeError) as exc:
+            log.error("MCP: the agents' listener could not start: %s", exc)
+            raise ApiError(500, "500", f"The MCP listener for agents could not start: {exc}") from None
+        self.listener = listener
 
     def _stop_listener(self):
         listener, self.listener = self.listener, None
