@@ -97,3 +97,30 @@ def test_bridge_without_positron_answers_itself(tmp_path):
     assert set(tools) == SIX_TOOLS
     assert call.is_error and call.content[0].text.startswith("NO_WORKSPACE")
     assert named.is_error and named.content[0].text.startswith("POSITRON_NOT_RUNNING")
+
+
+def test_bridge_shows_its_pid_and_directory_and_leaves_with_stdin(workspace_session, tmp_path):
+    """Driven by hand (JSON lines): while the bridge runs, the workspace lists it; it ends with its stdin."""
+    server, workspace, session_id = workspace_session
+    env = {**os.environ, "PYTHONPATH": ROOT, "POSITRON_MCP_URL": workspace["url"],
+           "POSITRON_MCP_TOKEN": workspace["token"]}
+    bridge_process = subprocess.Popen([PYTHON, "-m", "kcgevent", "mcp-stdio"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=str(tmp_path))
+    try:
+        initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "by-hand", "version": "1"}}}
+        bridge_process.stdin.write((json.dumps(initialize) + "\n").encode())
+        bridge_process.stdin.flush()
+        reply = json.loads(bridge_process.stdout.readline())
+        assert reply["id"] == 1 and reply["result"]["serverInfo"]["name"] == "positron"
+        clients = server.client.call("GET", "/status")["mcp"]["workspaces"][0]["clients"]
+        assert [(c["name"], c["pid"], c["working_directory"]) for c in clients] == \
+            [("by-hand", bridge_process.pid, str(tmp_path))]
+        bridge_process.stdin.close()
+        assert bridge_process.wait(30) == 0
+        assert server.client.call("GET", "/status")["mcp"]["workspaces"][0]["clients"] == []
+    finally:
+        if bridge_process.poll() is None:
+            bridge_process.kill()
+            bridge_process.wait(10)
+        bridge_process.stdout.close()

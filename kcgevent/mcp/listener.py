@@ -28,7 +28,7 @@ import logging
 import re
 import socket
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import gevent
 from gevent import monkey
@@ -284,18 +284,20 @@ class Gate:
                      kcgevent={"workspace": workspace_id, "caller": match["session"]})
         await self.inner(scope, replay(body, receive),
                          self.tracking_clients(send, workspace_id, match["session"], body, scope["method"],
-                                               headers.get("mcp-session-id")))
+                                               headers))
 
-    def tracking_clients(self, send, workspace_id, caller, body, method, session_header):
+    def tracking_clients(self, send, workspace_id, caller, body, method, headers):
         """A `send` that records an agent (its initialize answered) or forgets it (its DELETE answered)
         before the response leaves, so `/status` never lags what the agent has seen."""
         initialize = find_initialize(body)
+        session_header = headers.get("mcp-session-id")
         hub, registry = self.listener.hub, self.registry
+        bridge = bridge_of(headers)
 
         def connected(session_id):
             workspace = registry.get(workspace_id)
             if workspace is not None:
-                registry.client_connected(workspace, session_id, initialize, caller)
+                registry.client_connected(workspace, session_id, initialize, caller, bridge)
 
         def disconnected():
             workspace = registry.get(workspace_id)
@@ -338,6 +340,14 @@ class Gate:
                         "headers": [(k.encode(), v.encode()) for k, v in extra]})
             return await send({"type": "http.response.body", "body": b""})
         return await respond(send, 200, body, "application/mcp-server-card+json", extra)
+
+
+def bridge_of(headers):
+    """(pid, working directory) that `kcgevent mcp-stdio` sends about itself, or None."""
+    pid = headers.get("x-kcgevent-bridge-pid", "")
+    if not pid.isdigit():
+        return None
+    return int(pid), unquote(headers.get("x-kcgevent-bridge-cwd", "")) or None
 
 
 async def read_body(receive):

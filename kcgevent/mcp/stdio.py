@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+from urllib.parse import quote
 
 import anyio
 import httpx2
@@ -36,6 +37,8 @@ from .tools import INSTRUCTIONS, TOOLS
 log = logging.getLogger("kcgevent.mcp.stdio")
 
 REFUSED = (401, 403, 404, 503)
+BRIDGE_PID_HEADER = "X-Kcgevent-Bridge-Pid"  # our own: how the listener learns an agent's pid and cwd
+BRIDGE_CWD_HEADER = "X-Kcgevent-Bridge-Cwd"  # (percent-encoded)
 PROTOCOL_FALLBACK = "2025-06-18"
 HANDSHAKE_VERSIONS = ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25")
 
@@ -119,6 +122,7 @@ class Bridge:
             headers["mcp-session-id"] = self.session_id
         if self.protocol_version:
             headers["mcp-protocol-version"] = self.protocol_version
+        headers.update(bridge_headers())
         return headers
 
     async def post(self, payload):
@@ -204,6 +208,11 @@ class Bridge:
             return error(payload["id"], types.INTERNAL_ERROR, f"Lost the connection to Positron: {exc}") \
                 if is_request else None
         return reply if is_request else None
+
+
+def bridge_headers():
+    """Who is relaying (shown as the client's pid and working_directory in the workspace's status)."""
+    return {BRIDGE_PID_HEADER: str(os.getpid()), BRIDGE_CWD_HEADER: quote(os.getcwd())}
 
 
 def last_sse_message(text):

@@ -237,13 +237,19 @@ class Workspaces:
 
     # -- agents (MCP clients) ---------------------------------------------------------
 
-    def client_connected(self, workspace, mcp_session_id, client_info, caller_session=None):
+    def client_connected(self, workspace, mcp_session_id, client_info, caller_session=None, bridge=None):
+        """An agent initialized a protocol session; `bridge` is (pid, cwd) when it came through mcp-stdio."""
         info = client_info or {}
         client = {"id": workspace.next_client_id, "connected_at": iso_now()}
         workspace.next_client_id += 1
         for key in ("name", "version"):
             if isinstance(info.get(key), str):
                 client[key] = info[key]
+        pid, cwd = bridge or (None, None)
+        if pid is not None:
+            client["pid"] = pid
+        if cwd:
+            client["working_directory"] = cwd
         if caller_session:
             client["session_id"] = caller_session
         workspace.clients[mcp_session_id] = client
