@@ -141,6 +141,7 @@ class McpListener:
         self.hub = Hub()
         self._thread_done = False
         self._thread_error = None
+        self.stopping = False
 
     def _bind(self):
         for port in ([self.preferred_port] if self.preferred_port else []) + [0]:
@@ -189,6 +190,7 @@ class McpListener:
             self._thread_done = True
 
     def stop(self):
+        self.stopping = True
         deadline = time.monotonic() + STOP_TIMEOUT
         while not self._thread_done and time.monotonic() < deadline:
             if self.server is not None:
@@ -275,6 +277,8 @@ class Gate:
         if owner.id != workspace_id:
             return await respond(send, 403, "Forbidden: this token belongs to another workspace; use the URL and "
                                  "token from the same Positron window")
+        if self.listener.stopping:
+            return await respond(send, 503, "The MCP listener is shutting down")
         body = b""
         if scope["method"] == "POST":
             body = await read_body(receive)
