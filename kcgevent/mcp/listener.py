@@ -229,7 +229,17 @@ class McpListener:
                      instructions=INSTRUCTIONS + CALLER_NOTE, on_list_tools=list_tools, on_call_tool=run_tool)
         inner = sdk.streamable_http_app(
             json_response=True, transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+        self.session_manager = sdk.session_manager
         return Gate(self, inner)
+
+    def live_sessions(self):
+        """Protocol sessions the SDK still serves (it ends idle ones after 30 min), or None if unknown.
+
+        Reads the session manager's table (a private attribute, hence the guard) from the hub:
+        copying a dict's keys is atomic under the GIL.
+        """
+        table = getattr(getattr(self, "session_manager", None), "_server_instances", None)
+        return set(table) if isinstance(table, dict) else None
 
 
 def quiet_server(config):

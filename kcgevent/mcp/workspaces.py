@@ -224,6 +224,7 @@ class Workspaces:
     def status(self):
         if self.listener is None:
             return {"active": False, "port": 0, "request_count": 0, "workspaces": []}
+        self._forget_gone_clients()
         return {"active": True, "port": self.listener.port, "request_count": self.request_count,
                 "workspaces": [self.items[k].status() for k in sorted(self.items)]}
 
@@ -258,6 +259,15 @@ class Workspaces:
     def client_disconnected(self, workspace, mcp_session_id):
         if workspace.clients.pop(mcp_session_id, None) is not None:
             self._clients_changed(workspace)
+
+    def _forget_gone_clients(self):
+        """Agents that vanished without a DELETE leave when the SDK ends their idle session."""
+        live = getattr(self.listener, "live_sessions", lambda: None)()
+        if live is None:
+            return
+        for workspace in self.items.values():
+            for session_id in [s for s in workspace.clients if s not in live]:
+                self.client_disconnected(workspace, session_id)
 
     def _clients_changed(self, workspace):
         frame = {"kind": "clients_changed", "clients": workspace.status()["clients"]}
