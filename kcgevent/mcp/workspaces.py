@@ -7,7 +7,7 @@ command catalog, the sessions the windows claimed and the foreground session
 all survive a window closing, so terminal agents keep working.
 
 Everything here runs on the gevent hub. The agents' listener (another
-thread) only reads `by_token` / `get` (plain dict reads) and calls in through
+thread) only reads `items` (plain dict reads; tokens compared in constant time) and calls in through
 `gevent`'s thread-safe callback for anything else.
 """
 import logging
