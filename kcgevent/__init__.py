@@ -3,6 +3,8 @@
 Attributes are imported lazily so that `python -m kcgevent` can patch the
 standard library for gevent before anything else is imported.
 """
+__version__ = "0.1.0"  # this package's own version (setup.py reads it); config.VERSION is the API's
+
 __all__ = ["KernelSupervisor", "ServerConfig", "VERSION", "create_app"]
 
 

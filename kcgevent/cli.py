@@ -9,6 +9,7 @@ import sys
 
 import argh
 
+from . import __version__
 from .config import ServerConfig, VERSION
 from .server import Server, ServerError
 
@@ -65,25 +66,36 @@ def setup_logging(level_name, log_file):
           "started again on it serves them (also KCGEVENT_STATE_DIR)")
 @argh.arg("--restart-grace", type=float, help="with --state-dir: seconds kernels wait for a server to come back "
           "before they end")
+@argh.arg("--max-body-bytes", type=int, help="largest HTTP request body accepted (larger: 413)")
+@argh.arg("--max-message-bytes", type=int, help="largest channel message accepted (larger: WebSocket close 1009)")
+@argh.arg("--http-timeout", type=float, help="seconds before an idle or half-sent HTTP connection is closed")
+@argh.arg("--access-log", help="log every HTTP request at info")
+@argh.arg("--kernel-transport", choices=("ipc", "tcp"),
+          help="how started kernels listen: ipc (private Unix sockets; default on POSIX) or tcp (127.0.0.1)")
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
           socket_dir=None, unix_socket=None, buffer_limit=100_000, buffer_bytes=64 << 20, shutdown_timeout=5.0,
           ping_interval=10.0, heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None,
-          state_dir=None, restart_grace=60.0, mcp_command_timeout=45.0,
+          state_dir=None, restart_grace=60.0, max_body_bytes=16 * 1024 * 1024, max_message_bytes=64 * 1024 * 1024,
+          http_timeout=60.0, access_log=False, kernel_transport=None, mcp_command_timeout=45.0,
           version=False):
     """Run the kernel supervisor server."""
     if version:
-        print(f"kcgevent {VERSION}")
+        print(f"kcgevent {__version__} (Kallichore API {VERSION})")
         return
     config = ServerConfig(idle_shutdown_hours=idle_shutdown_hours,
                           resource_sample_interval_ms=max(0, resource_sample_interval),
                           log_level=log_level, buffer_limit=buffer_limit, buffer_bytes=buffer_bytes,
                           shutdown_timeout=shutdown_timeout,
-                          socket_dir=socket_dir, ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
+                          ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
                           heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds,
                           state_dir=state_dir or os.environ.get("KCGEVENT_STATE_DIR") or None,
                           restart_grace=max(0.0, restart_grace),
+                          max_body_bytes=max_body_bytes, max_message_bytes=max_message_bytes,
+                          http_timeout=http_timeout if http_timeout > 0 else None, access_log=access_log,
                           mcp_command_timeout=mcp_command_timeout)
+    if kernel_transport:
+        config.kernel_transport = kernel_transport
     try:
         server = Server(transport=transport, port=port, token=token, unix_socket=unix_socket,
                         socket_dir=socket_dir, connection_file=connection_file,

@@ -9,6 +9,7 @@ import json
 import socket
 import time
 import uuid
+from urllib.parse import quote
 
 import websocket
 
@@ -92,6 +93,7 @@ class Client:
     def open_channel(self, session_id, after=None, timeout=30):
         """A websocket-client connection to the session's channel, on whichever transport."""
         query = "" if after is None else f"?after={after}"
+        session_id = quote(session_id, safe="")
         header = [f"{k}: {v}" for k, v in self.headers().items()]
         if self.info.get("port"):
             return websocket.create_connection(

@@ -54,14 +54,20 @@ class KsError(ApiError):
         self.variant = variant
 
 
-class StartupError(Exception):
-    """A failed start/restart: HTTP 500 with `{exit_code?, output?, error}`."""
+OUTPUT_TAIL_CHARS = 64 * 1024  # a StartupError keeps the end of the kernel's output, where the error is
 
-    def __init__(self, error, exit_code=None, output=None):
+
+class StartupError(Exception):
+    """A failed start/restart: HTTP 500 (409 for a start racing another) with `{exit_code?, output?, error}`."""
+
+    def __init__(self, error, exit_code=None, output=None, status=500):
         super().__init__(error.message)
         self.error = error
         self.exit_code = exit_code
+        if output is not None and len(output) > OUTPUT_TAIL_CHARS:
+            output = "[... earlier output omitted ...]\n" + output[-OUTPUT_TAIL_CHARS:]
         self.output = output
+        self.status = status
 
     def body(self):
         body = {}

@@ -4,6 +4,8 @@
 starts a Python kernel through it, runs the code, prints what the kernel
 printed and shuts everything down again: a one-line check that all works.
 """
+import functools
+import http.client
 import json
 import os
 import subprocess
@@ -11,8 +13,11 @@ import sys
 import tempfile
 import time
 import uuid
+from urllib.parse import quote
 
 import argh
+import gevent
+import websocket
 
 from .client import ApiResponseError, Client, execute_request, python_kernel_session
 
@@ -29,10 +34,10 @@ class PrivateServer:
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.connection_file):
             if self.process.poll() is not None:
-                raise SystemExit(f"the server exited with code {self.process.returncode} before it was ready")
+                raise CommandError(f"the server exited with code {self.process.returncode} before it was ready")
             if time.monotonic() > deadline:
                 self.close()
-                raise SystemExit(f"the server did not start within {timeout} s")
+                raise CommandError(f"the server did not start within {timeout} s")
             time.sleep(0.05)
         with open(self.connection_file) as f:
             self.info = json.load(f)
@@ -81,6 +86,7 @@ def new_session_body(session_id, python, kernel):
 def run_code(client, code, python, timeout, kernel=None):
     """Run `code` in a new session of `client`'s server; the process exit status."""
     session_id = f"run-{uuid.uuid4().hex[:8]}"
+    path = f"/sessions/{quote(session_id, safe='')}"
     try:
         client.call("PUT", "/sessions", new_session_body(session_id, python, kernel))
     except ApiResponseError as exc:
@@ -89,7 +95,7 @@ def run_code(client, code, python, timeout, kernel=None):
         return 2
     try:
         try:
-            client.call("POST", f"/sessions/{session_id}/start", timeout=timeout)
+            client.call("POST", f"{path}/start", timeout=timeout)
         except ApiResponseError as exc:
             error = exc.body.get("error", {}) if isinstance(exc.body, dict) else {}
             print(f"Error: the kernel did not start: {error.get('message', exc.body)}", file=sys.stderr)
@@ -116,16 +122,69 @@ def run_code(client, code, python, timeout, kernel=None):
         finally:
             ws.close()
     finally:
-        client.request("POST", f"/sessions/{session_id}/kill")
-        client.request("DELETE", f"/sessions/{session_id}")
+        try:
+            client.request("POST", f"{path}/kill")
+            client.request("DELETE", path)
+        except OSError:
+            pass  # the server is gone; the error that got us here is the one to report
+
+
+class CommandError(Exception):
+    """What went wrong, in one line for the user (printed as "Error: ..." with exit status 1)."""
 
 
 def load_connection_file(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except OSError as exc:
+        raise CommandError(f"cannot read the connection file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CommandError(f"the connection file {path} is not JSON: {exc}") from None
+    if not isinstance(info, dict) or not (info.get("port") or info.get("socket_path")):
+        raise CommandError(f"the connection file {path} says neither a port nor a socket_path")
+    return info
+
+
+def describe_api_error(exc):
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):  # a StartupError
+        body = body["error"]
+    if isinstance(body, dict) and body.get("message"):
+        return f"the server answered {exc.status} ({body.get('code')}): {body['message']}"
+    return f"the server answered {exc.status}: {str(body)[:200]}"
+
+
+def one_line_errors(command):
+    """Run `command`, turning the failures a user can meet into one line and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        hub = gevent.get_hub()
+        hub.NOT_ERROR = (*hub.NOT_ERROR, KeyboardInterrupt)  # Ctrl-C: no traceback from the hub either
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("Interrupted", file=sys.stderr)
+            sys.exit(130)
+        except CommandError as exc:
+            message = str(exc)
+        except ApiResponseError as exc:
+            message = describe_api_error(exc)
+        except ConnectionRefusedError:
+            message = "cannot reach the server (connection refused): is it still running? (a stale connection file?)"
+        except FileNotFoundError as exc:
+            message = f"cannot reach the server: {exc.filename or exc} does not exist (a stale connection file?)"
+        except (OSError, http.client.HTTPException, websocket.WebSocketException) as exc:
+            message = f"lost the server: {type(exc).__name__}: {exc}"
+        print(f"Error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+    return wrapper
 
 
 @argh.arg("-c", "--code", help="the code to run", required=True)
+@one_line_errors
 @argh.arg("--connection-file", help="use the server described by this file (default: start a private one)")
 @argh.arg("--transport", help="transport of the private server: tcp or socket")
 @argh.arg("--python", help="the Python that runs the kernel (needs ipykernel)")
@@ -146,6 +205,7 @@ def run(code=None, connection_file=None, transport="tcp", python=sys.executable,
 
 
 @argh.arg("--connection-file", help="the server's connection file", required=True)
+@one_line_errors
 def sessions(connection_file=None):
     """List a server's sessions: id, status, language, connected."""
     listing = Client(load_connection_file(connection_file)).call("GET", "/sessions")

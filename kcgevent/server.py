@@ -14,7 +14,7 @@ import sys
 import gevent
 from gevent.event import Event
 
-from . import announce
+from . import announce, limits
 from .api.channels import SocketEndpoints
 from .app import create_app
 from .config import VERSION, ServerConfig
@@ -76,6 +76,7 @@ class Server:
         self.wsgi = None
 
     def run(self):
+        limits.raise_fd_limit()
         state, saved = self._open_state()
         if saved.get("transport") not in (None, self.transport):
             log.warning("State dir: the saved server used transport %s; serving %s on a new address",
@@ -98,11 +99,13 @@ class Server:
         elif generated and not (self.connection_file or self.handshake_socket):
             log.info("Generated random auth token: %s", token)
         self.config.token = token
-        self.config.transport = self.transport
         supervisor = self._make_supervisor(state, saved)
         app = create_app(self.config, supervisor)
         supervisor.on_shutdown.append(self._stop)
-        self.wsgi = self.listener.wsgi_server(app, log=None, error_log=log)
+        access_log = logging.getLogger("kcgevent.access") if self.config.access_log else None
+        self.wsgi = self.listener.wsgi_server(app, log=access_log, error_log=log,
+                                              handler_class=limits.timeout_handler(self.config.http_timeout))
+        limits.quiet_accept_errors(self.wsgi)
         self.wsgi.start()
         print(BANNER, flush=True)
         self._announce(supervisor, token)

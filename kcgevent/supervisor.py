@@ -305,7 +305,9 @@ class Supervisor:
     # -- background duties ---------------------------------------------------------
 
     def start_background(self):
-        """Resource sampling and the idle-shutdown watch (call once the server runs)."""
+        """Resource sampling and the idle-shutdown watch (call once the server runs; idempotent)."""
+        if self._sampler is not None:
+            return
         self._sampler = gevent.spawn(self._run_sampler)
         self._idle_watch = gevent.spawn(self._run_idle_watch)
         if self.state is not None:
@@ -318,16 +320,26 @@ class Supervisor:
             if interval <= 0:
                 gevent.sleep(0.5)
                 continue
-            gevent.sleep(interval / 1000)
-            targets = {s.session_id: s.launcher.pid for s in self.sessions.values()
-                       if s.channel.connected and s.launcher is not None and s.launcher.pid is not None}
-            if not targets:
+            due = time.monotonic() + interval / 1000
+            while time.monotonic() < due and self.config.resource_sample_interval_ms == interval:
+                gevent.sleep(min(0.5, due - time.monotonic()))  # (a new interval takes effect at once)
+            if self.config.resource_sample_interval_ms != interval:
                 continue
-            sampler.sampling_period_ms = interval
-            for session_id, sample in sampler.sample(targets).items():
-                session = self.sessions.get(session_id)
-                if session is not None:
-                    session.record_resource_usage(sample)
+            try:  # one bad sample must not end sampling for good
+                self._sample_once(sampler, interval)
+            except Exception:
+                log.exception("resource sampling failed; trying again next interval")
+
+    def _sample_once(self, sampler, interval):
+        targets = {s.session_id: s.launcher.pid for s in self.sessions.values()
+                   if s.channel.connected and s.launcher is not None and s.launcher.pid is not None}
+        if not targets:
+            return
+        sampler.sampling_period_ms = interval
+        for session_id, sample in sampler.sample(targets).items():
+            session = self.sessions.get(session_id)
+            if session is not None:
+                session.record_resource_usage(sample)
 
     def idle_limit(self):
         """Seconds of idleness before the server shuts itself down, or None."""
@@ -341,17 +353,24 @@ class Supervisor:
     def _run_idle_watch(self):
         while not self.shutting_down:
             gevent.sleep(min(1.0, (self.idle_limit() or 1.0) / 4))
-            limit = self.idle_limit()
-            if limit is None or time.monotonic() - self.last_nudge < limit:
-                continue
-            if self.client_pid and psutil.pid_exists(self.client_pid):
-                continue
-            self.client_pid = None
-            if any(s.status == "busy" or s.channel.connected for s in self.sessions.values()):
-                continue
-            log.info("Idle for %.0f seconds; shutting down", limit)
-            self.request_shutdown()
-            return
+            try:  # one bad value (a client pid, a session) must not end the watch for good
+                if self._idle_too_long():
+                    self.request_shutdown()
+                    return
+            except Exception:
+                log.exception("idle-shutdown check failed; checking again shortly")
+
+    def _idle_too_long(self):
+        limit = self.idle_limit()
+        if limit is None or time.monotonic() - self.last_nudge < limit:
+            return False
+        if self.client_pid and psutil.pid_exists(self.client_pid):
+            return False
+        self.client_pid = None
+        if any(s.status == "busy" or s.channel.connected for s in self.sessions.values()):
+            return False
+        log.info("Idle for %.0f seconds; shutting down", limit)
+        return True
 
     # -- shutdown ----------------------------------------------------------------
 

@@ -34,6 +34,7 @@ GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_TEXT, OP_CLOSE, OP_PING = 0x1, 0x8, 0x9
 MAX_UNANSWERED_PINGS = 3
 RECV_BYTES = 65536
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # a client message past this closes the connection with 1009
 
 
 _OPCODES = frozenset((0x0, 0x1, 0x2, 0x8, 0x9, 0xA))  # continuation, text, binary, close, ping, pong
@@ -74,6 +75,22 @@ def client_frame_extent(buf):
     if n < head + length:
         return None
     return head, head + length
+
+
+def declared_length(buf):
+    """The payload length the frame header at the start of `buf` claims, or None until it is all here."""
+    if len(buf) < 2:
+        return None
+    length = buf[1] & 0x7F
+    if length == 126:
+        return buf[2] << 8 | buf[3] if len(buf) >= 4 else None
+    if length == 127:
+        return int.from_bytes(buf[2:10], "big") if len(buf) >= 10 else None
+    return length
+
+
+class MessageTooBig(Exception):
+    """A client message (or the frame header announcing it) exceeds the limit: close with 1009."""
 
 
 class HandshakeError(Exception):
@@ -127,24 +144,45 @@ def is_upgrade_request(environ):
     return "websocket" in environ.get("HTTP_UPGRADE", "").lower()
 
 
+def check_upgrade(environ):
+    """Raise HandshakeError unless `environ` is a valid RFC 6455 opening handshake."""
+    if environ.get("REQUEST_METHOD") != "GET":
+        raise HandshakeError(f"a WebSocket upgrade must be a GET (got {environ.get('REQUEST_METHOD')})")
+    if not is_upgrade_request(environ):
+        raise HandshakeError("expected a WebSocket upgrade request (Upgrade: websocket)")
+    connection = {token.strip().lower() for token in environ.get("HTTP_CONNECTION", "").split(",")}
+    if "upgrade" not in connection:
+        raise HandshakeError("the WebSocket upgrade request lacks 'Connection: Upgrade'")
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip() != "13":
+        raise HandshakeError("unsupported WebSocket version (Sec-WebSocket-Version must be 13)")
+    if not environ.get("HTTP_SEC_WEBSOCKET_KEY"):
+        raise HandshakeError("the WebSocket upgrade request has no Sec-WebSocket-Key header")
+
+
 def _request_file(environ):
     wsgi_input = environ["wsgi.input"]
     return getattr(wsgi_input, "rfile", wsgi_input)
 
 
 def socket_from_environ(environ):
-    """The client socket under a gevent.pywsgi request (as simple-websocket finds it)."""
+    """The client socket under gunicorn's gevent worker or a gevent.pywsgi request."""
+    if environ.get("gunicorn.socket") is not None:
+        return environ["gunicorn.socket"]
     raw = getattr(_request_file(environ), "raw", None)
     sock = getattr(raw, "_sock", None)
     if sock is None:
-        raise HandshakeError("WebSocket upgrade needs gevent.pywsgi (no socket in the WSGI environ)")
+        raise HandshakeError("WebSocket upgrade needs gevent.pywsgi or gunicorn's gevent worker "
+                             "(no socket in the WSGI environ)")
     return sock
 
 
 def take_over(environ, sock):
     """Take the connection from the WSGI server: returns the bytes it had already read past the
     request (a client may send frames right behind its upgrade request), and closes its request
-    file so that it never parses this connection as HTTP again (pywsgi stops at a closed rfile)."""
+    file so that it never parses this connection as HTTP again (pywsgi stops at a closed rfile).
+    Under gunicorn the worker itself stops once the view raises StopIteration (api/channels.py)."""
+    if "gunicorn.socket" in environ:
+        return b""
     rfile = _request_file(environ)
     leftover = b""
     if hasattr(sock, "settimeout"):  # (a Windows pipe connection has no non-blocking mode)
@@ -169,9 +207,11 @@ def take_over(environ, sock):
 class WebSocket:
     """One accepted WebSocket; `receive` from one greenlet, `send_frames` from any."""
 
-    def __init__(self, sock, send_timeout=None):
+    def __init__(self, sock, send_timeout=None, *, max_message_bytes=MAX_MESSAGE_BYTES):
         self.sock = sock
         self.send_timeout = send_timeout  # seconds a send may wait for the peer to take something
+        self.max_message_bytes = max_message_bytes
+        self._pending_bytes = 0  # size of the fragmented message wsproto is assembling
         self._conn = Connection(ConnectionType.SERVER)
         self._send_lock = Semaphore()
         self._pending_text = []
@@ -192,17 +232,16 @@ class WebSocket:
         self.last_pong = 0
         if getattr(sock, "family", None) in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(sock, "settimeout"):
+            sock.settimeout(None)  # the HTTP idle timeout no longer applies: pings watch the client
 
     @classmethod
-    def accept(cls, environ, send_timeout=None):
+    def accept(cls, environ, send_timeout=None, *, max_message_bytes=MAX_MESSAGE_BYTES):
         """Answer the upgrade request in `environ` with 101 and return the connection."""
-        if not is_upgrade_request(environ):
-            raise HandshakeError("expected a WebSocket upgrade request (Upgrade: websocket)")
-        key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
-        if not key:
-            raise HandshakeError("the WebSocket upgrade request has no Sec-WebSocket-Key header")
+        check_upgrade(environ)
+        key = environ["HTTP_SEC_WEBSOCKET_KEY"]
         sock = socket_from_environ(environ)
-        ws = cls(sock, send_timeout)
+        ws = cls(sock, send_timeout, max_message_bytes=max_message_bytes)
         ws._rx += take_over(environ, sock)
         ws._sendall(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -372,6 +411,9 @@ class WebSocket:
             except RemoteProtocolError as exc:
                 self.close(1002, "protocol error")
                 raise ConnectionClosed(f"protocol error: {exc}") from None
+            except MessageTooBig as exc:
+                self.close(1009, "message too big")
+                raise ConnectionClosed(str(exc)) from None
 
     def _feed_wsproto(self, data):
         self._conn.receive_data(data)
@@ -391,7 +433,12 @@ class WebSocket:
                 return None
             extent = client_frame_extent(rx)
             if extent is None:
+                claimed = declared_length(rx)
+                if claimed is not None and claimed > self.max_message_bytes:
+                    raise MessageTooBig(f"a frame of {claimed} bytes (the limit is {self.max_message_bytes})")
                 return None
+            if extent[1] > self.max_message_bytes + 14:
+                raise MessageTooBig(f"a frame of {extent[1]} bytes (the limit is {self.max_message_bytes})")
             head, size = extent
             if not size:  # not well-formed: wsproto gets it all and answers as it does
                 self._wsproto_only = True
@@ -418,8 +465,11 @@ class WebSocket:
     def _handle(self, event):
         if isinstance(event, TextMessage):
             self._pending_text.append(event.data)
+            self._pending_bytes += len(event.data)
+            if self._pending_bytes > self.max_message_bytes:
+                raise MessageTooBig(f"a message of more than {self.max_message_bytes} bytes")
             if event.message_finished:
-                text, self._pending_text = "".join(self._pending_text), []
+                text, self._pending_text, self._pending_bytes = "".join(self._pending_text), [], 0
                 return text
         elif isinstance(event, Ping):
             self._send_control(event.response())

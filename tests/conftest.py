@@ -38,13 +38,16 @@ class ServerProcess:
         if token is not None:
             cmd += ["--token", token]
         cmd += list(args)
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        env={**os.environ, **(env or {})})
+        # Files, not pipes: a pipe nobody reads fills up (64 KiB) and then blocks the server's logging.
+        tag = uuid.uuid4().hex[:6]
+        self.stdout_path, self.stderr_path = tmp_path / f"stdout-{tag}.log", tmp_path / f"stderr-{tag}.log"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
         self.seen_pids = set()
         deadline = time.monotonic() + 20
         while not os.path.exists(self.connection_file):
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}: {self.process.stderr.read()}")
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.stderr_path.read_text()}")
             if time.monotonic() > deadline:
                 self.process.kill()
                 raise RuntimeError("server did not write its connection file within 20 s")
@@ -94,8 +97,6 @@ class ServerProcess:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(leftovers, timeout=5)
-        for stream in (self.process.stdout, self.process.stderr):
-            stream.close()
         return leftovers
 
 

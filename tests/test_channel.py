@@ -221,11 +221,16 @@ LATE_STDIN_KERNEL = """
 import json, signal, sys
 sys.path.insert(0, {kernels!r})
 import fake_kernel as fk
-stdin_port = json.load(open(sys.argv[-1]))["stdin_port"]
+info = json.load(open(sys.argv[-1]))
+stdin_port = info["stdin_port"]
+if info["transport"] == "ipc":
+    endpoint = "ipc://%s-%d" % (info["ip"], stdin_port)
+else:
+    endpoint = "tcp://%s:%d" % (info["ip"], stdin_port)
 bind = fk.FakeKernel.bind
 def late_bind(self, ports):
-    actual = bind(self, dict(ports, stdin_port=0))  # a random port at first
-    signal.signal(signal.SIGALRM, lambda *_: self.stdin.bind("tcp://127.0.0.1:%d" % stdin_port))
+    actual = bind(self, dict(ports, stdin_port=0))  # a random port (ipc: a stand-in path) at first
+    signal.signal(signal.SIGALRM, lambda *_: self.stdin.bind(endpoint))
     signal.setitimer(signal.ITIMER_REAL, 1.0)  # runs in the main thread, between polls
     return actual
 fk.FakeKernel.bind = late_bind

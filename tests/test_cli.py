@@ -303,3 +303,77 @@ def test_run_over_the_socket_transport(tmp_path):
     result = run_command("--transport", "socket", "-c", "print(3)")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "3", result.stdout
+
+
+# -- one-line errors (issue "Nothing breaks it", item 14) -----------------------------------------
+
+def test_run_with_a_stale_connection_file(tmp_path):
+    stale = tmp_path / "stale.json"
+    from kcgevent.session.session import free_ports
+    stale.write_text(json.dumps({"port": free_ports(1)[0], "bearer_token": "x"}))
+    line = assert_one_line_error(run_cli("run", "-c", "1", "--connection-file", str(stale)))
+    assert "connection refused" in line and "stale connection file" in line, line
+    line = assert_one_line_error(run_cli("sessions", "--connection-file", str(stale)))
+    assert "connection refused" in line, line
+    line = assert_one_line_error(run_cli("sessions", "--connection-file", str(tmp_path / "missing.json")))
+    assert "cannot read the connection file" in line, line
+    stale.write_text("{not json")
+    line = assert_one_line_error(run_cli("sessions", "--connection-file", str(stale)))
+    assert "not JSON" in line, line
+
+
+def test_sessions_reports_a_server_error_in_one_line(tmp_path, cli_server):
+    token_file = tmp_path / "token"
+    token_file.write_text("right-token")
+    server = cli_server("--token", str(token_file)).wait_ready()
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({**server.info, "bearer_token": "wrong-token"}))
+    line = assert_one_line_error(run_cli("sessions", "--connection-file", str(wrong)))
+    assert "401" in line and "bearer token" in line, line
+    result = run_cli("sessions", "--connection-file", server.connection_file)
+    assert result.returncode == 0 and result.stdout == "", result
+
+
+def test_run_interrupted_with_ctrl_c(tmp_path):
+    """SIGINT while the kernel runs: one line, exit 130, the private server and kernel gone."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen([PYTHON, "-m", "kcgevent", "run", "-c", "import time; print('go', flush=True); "
+                             "time.sleep(120)"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "KCG_TEST_MARKER": marker})
+    try:
+        assert proc.stdout.readline().strip() == "go"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=40)
+        assert proc.returncode == 130, (proc.returncode, err)
+        assert err.strip().splitlines() == ["Interrupted"], err
+        deadline = time.monotonic() + 20
+        while processes_with_marker(marker):
+            assert time.monotonic() < deadline, f"left behind: {processes_with_marker(marker)}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for p in processes_with_marker(marker):
+            p.kill()
+
+
+def test_start_without_connection_file_placeholder_fails_fast(cli_server):
+    server = cli_server("--token", "none").wait_ready()
+    session_id = new_id("noph")
+    body = fake_kernel_session(session_id)
+    body["argv"] = [body["argv"][0], body["argv"][1]]  # python fake_kernel.py, no {connection_file}
+    server.client.call("PUT", "/sessions", body)
+    status, answer = server.client.request("POST", f"/sessions/{session_id}/start", timeout=10)
+    assert status == 400 and answer["error"]["code"] == "KS-5", answer
+    assert "{connection_file}" in answer["error"]["message"], answer
+    assert not server.kernels()
+
+
+def test_version_is_kcgevents_own():
+    import kcgevent
+    from kcgevent.config import VERSION
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"kcgevent {kcgevent.__version__} (Kallichore API {VERSION})"
+    assert kcgevent.__version__ != VERSION

@@ -14,7 +14,7 @@ from flask import Blueprint, Flask
 from marshmallow import ValidationError
 
 from kcgevent.api.contract import operation
-from kcgevent.api.openapi import render_openapi
+from openapi_render import render_openapi
 from kcgevent.api.schemas import SCHEMAS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,10 +38,12 @@ ROUTES = [
           responses={200: "any", 400: "error", 401: None, 404: "error"})),
     ("start_session", S + "/start", "POST",
      dict(operation_id="start-session", summary="Start a session",
-          responses={200: "object", 401: None, 404: "error", 500: "startupError"})),
+          responses={200: "object", 400: "startupError", 401: None, 404: "error", 409: "startupError",
+                     500: "startupError"})),
     ("restart_session", S + "/restart", "POST",
      dict(operation_id="restart-session", summary="Restart a session",
-          responses={200: "any", 401: None, 404: "error", 500: "startupError"}, body="restartSession")),
+          responses={200: "any", 401: None, 404: "error", 409: "startupError", 500: "startupError"},
+          body="restartSession")),
     ("kill_session", S + "/kill", "POST",
      dict(operation_id="kill-session", summary="Force quit a session",
           responses={200: "any", 400: "error", 401: None, 404: "error"})),

@@ -6,6 +6,7 @@ WSGIServer in a child process. The test drives it from outside: HTTP under the
 prefix, a WebSocket channel under the prefix, the OpenAPI rendering, and a
 SIGTERM that must take the kernels down with the host.
 """
+import http.client
 import json
 import os
 import select
@@ -14,6 +15,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 import websocket
 from conftest import (PYTHON, fake_kernel_session, is_idle_for, launched_by, new_id, pid_gone, replies_to,
                       stream_text, summary)
@@ -25,8 +27,8 @@ APP = os.path.join(HERE, "apps", "embedded_app.py")
 ROOT = os.path.dirname(HERE)
 
 
-def read_port(proc, timeout=20):
-    """The port the app prints on its first stdout line (bounded wait)."""
+def read_announcement(proc, timeout=20):
+    """The {"port", "token"} the app prints on its first stdout line (bounded wait)."""
     deadline = time.monotonic() + timeout
     line = b""
     while not line.endswith(b"\n"):
@@ -40,7 +42,7 @@ def read_port(proc, timeout=20):
             if not chunk:
                 continue
             line += chunk
-    return int(line.strip())
+    return json.loads(line)
 
 
 def recv_until(ws, predicate, timeout=15):
@@ -57,14 +59,145 @@ def recv_until(ws, predicate, timeout=15):
             return frames
 
 
+class HostApp:
+    """tests/apps/embedded_app.py in a child process; `stop()` kills what is left and reports it."""
+
+    def __init__(self, **env):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               **{k: str(v) for k, v in env.items()}}
+        self.proc = subprocess.Popen([PYTHON, APP], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     cwd=ROOT)
+        self.spawned = set()
+        try:
+            announced = read_announcement(self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        self.port, self.token = announced["port"], announced["token"]
+        self.client = Client({"port": self.port, "bearer_token": self.token}, timeout=30)
+
+    def children(self):
+        try:
+            kids = {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            kids = set()
+        self.spawned |= kids
+        return kids
+
+    def stop(self):
+        self.children()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for pid in self.spawned:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+@pytest.fixture
+def host_app():
+    apps = []
+
+    def start(**env):
+        app = HostApp(**env)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
+
+
+def test_auth_is_on_by_default_with_a_generated_token(host_app):
+    app = host_app()
+    assert app.token and len(app.token) >= 32
+    assert app.client.request("GET", "/kernels/sessions", token=False)[0] == 401
+    assert app.client.call("GET", "/kernels/sessions") == {"total": 0, "sessions": []}
+    assert app.client.call("GET", "/kernels/status", token=False)["sessions"] == 0  # as standalone: no token
+
+
+def test_no_auth_only_when_asked(host_app):
+    app = host_app(EMBED_NO_AUTH=1)
+    assert app.token is None
+    assert app.client.call("GET", "/kernels/sessions", token=False)["total"] == 0
+
+
+def test_json_errors_under_the_prefix_only(host_app):
+    app = host_app()
+    status, body = app.client.request("GET", "/kernels/no/such/thing")
+    assert status == 404 and body["code"] == "404", body
+    status, body = app.client.request("PATCH", "/kernels/sessions")
+    assert status == 405 and body["code"] == "405", body
+    status, body = app.client.request("PUT", "/kernels/sessions", raw_body=b"{not json")
+    assert status == 400 and body["code"] == "400", body
+    status, body = app.client.request("GET", "/elsewhere")
+    assert status == 404 and isinstance(body, str) and "<" in body, body  # the host's own (HTML) page
+
+
+def test_settings_from_app_config_and_idle_shutdown_when_mounted(host_app):
+    """Background duties run when mounted: idle shutdown (from app.config) ends the supervisor, the
+    callback runs, and the host keeps serving JSON 503s for the API."""
+    app = host_app(KCGEVENT_IDLE_SHUTDOWN_SECONDS=1, KCGEVENT_RESOURCE_SAMPLE_INTERVAL_MS=100)
+    assert app.client.call("GET", "/kernels/server_configuration")["resource_sample_interval_ms"] == 100
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = app.client.request("GET", "/kernels/sessions")
+        if status == 503:
+            break
+        assert status == 200 and time.monotonic() < deadline, "no idle shutdown within 30 s"
+        time.sleep(0.2)
+    assert body["code"] == "503", body
+    assert app.client.request("PUT", "/kernels/sessions", fake_kernel_session(new_id("late")))[0] == 503
+    assert app.client.call("GET", "/hello") == {"hello": "from the host app"}
+    assert app.proc.poll() is None
+    app.proc.send_signal(signal.SIGTERM)
+    assert app.proc.wait(15) == 0
+    assert b"supervisor shut down" in app.proc.stderr.read()
+
+
+def test_post_shutdown_then_503(host_app):
+    app = host_app()
+    session_id = new_id("emb")
+    app.client.call("PUT", "/kernels/sessions", fake_kernel_session(session_id))
+    app.client.call("POST", f"/kernels/sessions/{session_id}/start")
+    kernel_pid = app.client.call("GET", f"/kernels/sessions/{session_id}")["process_id"]
+    app.spawned.add(kernel_pid)
+    app.client.call("POST", "/kernels/shutdown")
+    deadline = time.monotonic() + 15
+    while not pid_gone(kernel_pid):
+        assert time.monotonic() < deadline, "the kernel outlived the supervisor's shutdown"
+        time.sleep(0.05)
+    status, body = app.client.request("POST", f"/kernels/sessions/{session_id}/start")
+    assert status == 503 and body["code"] == "503", body
+    assert app.client.call("GET", "/hello") == {"hello": "from the host app"}
+
+
+def test_resource_usage_sampled_when_mounted(host_app):
+    app = host_app(KCGEVENT_RESOURCE_SAMPLE_INTERVAL_MS=100)
+    session_id = new_id("emb")
+    app.client.call("PUT", "/kernels/sessions", fake_kernel_session(session_id))
+    app.client.call("POST", f"/kernels/sessions/{session_id}/start")
+    ws = websocket.create_connection(f"ws://127.0.0.1:{app.port}/kernels/sessions/{session_id}/channels",
+                                     timeout=15, header=[f"Authorization: Bearer {app.token}"])
+    try:
+        recv_until(ws, lambda f: f.get("kind") == "kernel" and "resourceUsage" in f)
+    finally:
+        ws.close()
+
+
 def test_blueprint_mounted_in_another_app():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([PYTHON, APP], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     spawned = set()
     ws = None
     try:
-        port = read_port(proc)
-        client = Client({"port": port}, timeout=30)
+        announced = read_announcement(proc)
+        port = announced["port"]
+        client = Client({"port": port, "bearer_token": announced["token"]}, timeout=30)
 
         # The host's own route still works
         assert client.call("GET", "/hello") == {"hello": "from the host app"}
@@ -83,7 +216,7 @@ def test_blueprint_mounted_in_another_app():
         assert launched_by(psutil.Process(kernel_pid), proc.pid)
 
         ws = websocket.create_connection(f"ws://127.0.0.1:{port}/kernels/sessions/{session_id}/channels",
-                                         timeout=15)
+                                         timeout=15, header=[f"Authorization: Bearer {announced['token']}"])
         request = execute_request("print embedded")
         ws.send(json.dumps(request))
         frames = recv_until(ws, lambda f: is_idle_for(f, request))
@@ -122,3 +255,70 @@ def test_blueprint_mounted_in_another_app():
                 pass
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_channel_under_gunicorns_gevent_worker(tmp_path):
+    """`gunicorn -k gevent` (not only gevent_pywsgi): the channel upgrade works and a session runs
+    code over it; stopping gunicorn ends the kernel (the worker_exit hook calls shutdown())."""
+    pytest.importorskip("gunicorn")
+    from kcgevent.session.session import free_ports
+    port = free_ports(1)[0]
+    token = "gunicorn-" + new_id()
+    env = {**os.environ, "KCGEVENT_TOKEN": token,
+           "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([PYTHON, "-m", "gunicorn", "-c", os.path.join(HERE, "apps", "gunicorn_conf.py"),
+                                 "--pythonpath", os.path.join(HERE, "apps"), "--bind", f"127.0.0.1:{port}",
+                                 "gunicorn_app:app"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    spawned = set()
+    ws = None
+    try:
+        client = Client({"port": port, "bearer_token": token}, timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert client.call("GET", "/hello", timeout=2) == {"hello": "from gunicorn"}
+                break
+            except (OSError, http.client.HTTPException):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        session_id = new_id("guni")
+        client.call("PUT", "/kernels/sessions", fake_kernel_session(session_id))
+        client.call("POST", f"/kernels/sessions/{session_id}/start")
+        kernel_pid = client.call("GET", f"/kernels/sessions/{session_id}")["process_id"]
+        spawned.add(kernel_pid)
+        ws = websocket.create_connection(f"ws://127.0.0.1:{port}/kernels/sessions/{session_id}/channels",
+                                         timeout=15, header=[f"Authorization: Bearer {token}"])
+        for text in ("first", "second"):
+            request = execute_request(f"print {text}")
+            ws.send(json.dumps(request))
+            frames = recv_until(ws, lambda f: is_idle_for(f, request))
+            assert stream_text(replies_to(frames, request, "stream")) == f"{text}\n"
+        assert client.call("GET", f"/kernels/sessions/{session_id}")["connected"] is True
+        ws.close()
+        ws = None
+        # The connection after the channel is usable again (gunicorn wrote nothing after the upgrade)
+        assert client.call("GET", f"/kernels/sessions/{session_id}")["status"] == "idle"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        deadline = time.monotonic() + 10
+        while not pid_gone(kernel_pid):
+            assert time.monotonic() < deadline, f"kernel {kernel_pid} outlived gunicorn"
+            time.sleep(0.05)
+        assert "supervisor shut down" in log_path.read_text()
+    finally:
+        if ws is not None:
+            ws.close()
+        try:
+            spawned.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for pid in spawned:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass

@@ -21,13 +21,13 @@ posix_only = pytest.mark.skipif(IS_WINDOWS, reason="startup environments are POS
 
 
 class Collector:
-    """An on_output callback that remembers what it got."""
+    """An on_output callback that remembers what it got, line by line."""
 
     def __init__(self):
         self.lines = []
 
-    def __call__(self, stream, line):
-        self.lines.append((stream, line))
+    def __call__(self, stream, text):
+        self.lines.extend((stream, line) for line in text.splitlines(keepends=True))
 
     def text(self, stream="stdout"):
         return "".join(line for s, line in self.lines if s == stream)

@@ -52,8 +52,8 @@ def create(server, *flags, **overrides):
     return session_id
 
 
-def assert_startup_error(status, body, code):
-    assert status == 500, (status, body)
+def assert_startup_error(status, body, code, expected_status=500):
+    assert status == expected_status, (status, body)
     assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
     assert body["error"]["code"] == code, body
     assert body["error"]["message"], body
@@ -132,12 +132,14 @@ def test_empty_argv(server):
     session_id = new_id("noargs")
     server.client.call("PUT", "/sessions", {**fake_kernel_session(session_id), "argv": []})
     status, body, _, pids = start_watching(server, session_id)
-    assert_startup_error(status, body, "KS-5")
+    # A session made to adopt into: starting it is the client's mistake (400), not a server error
+    assert_startup_error(status, body, "KS-5", 400)
+    assert "argv is empty" in body["error"]["message"]
     assert not pids
     assert session(server, session_id)["status"] in ("uninitialized", "exited")
     # Again the same way, then gone.
     status, body = server.client.request("POST", f"/sessions/{session_id}/start")
-    assert_startup_error(status, body, "KS-5")
+    assert_startup_error(status, body, "KS-5", 400)
     assert server.client.request("DELETE", f"/sessions/{session_id}") == (200, None)
 
 
@@ -166,7 +168,7 @@ def test_second_start_of_a_running_session(server):
     assert status == 200 and info["implementation"] == "fake"
     pid = session(server, session_id)["process_id"]
     status, body = server.client.request("POST", f"/sessions/{session_id}/start")
-    assert_startup_error(status, body, "KS-16")
+    assert_startup_error(status, body, "KS-16", 409)
     kernels = kernels_of(server)
     assert [k.pid for k in kernels] == [pid], f"expected exactly one kernel ({pid}), found {kernels}"
     state = session(server, session_id)
@@ -182,7 +184,7 @@ def test_start_while_starting(server):
         assert time.monotonic() < deadline, "the session never reported starting"
         gevent.sleep(0.02)
     status, body = server.client.request("POST", f"/sessions/{session_id}/start")
-    assert_startup_error(status, body, "KS-16")
+    assert_startup_error(status, body, "KS-16", 409)  # a conflict with the start under way
     status, body = server.client.request("DELETE", f"/sessions/{session_id}")
     assert status == 400 and body["code"] == "KS-2", body
     status, info = first.get(timeout=20)

@@ -2,9 +2,9 @@
 
     python tools/bench_bridge.py [--calls N]
 
-A. a native thread (gevent.monkey.get_original) running its own asyncio loop on an unpatched
-   selector; greenlets submit with run_coroutine_threadsafe and are woken through the hub's
-   threadsafe callback;
+A. a native thread (gevent.monkey.get_original("_thread", "start_new_thread"); A': a worker of
+   gevent's threadpool) running its own asyncio loop on an unpatched selector; greenlets submit
+   with run_coroutine_threadsafe and are woken through the hub's threadsafe callback;
 B. the provisioner host, a helper process speaking JSON lines (kcgevent/provisioning/host.py).
 
 For each: the time to get ready, the round trip of a no-op call, the worst stall of the gevent
@@ -36,12 +36,16 @@ OriginalSelector = monkey.get_original("selectors", "DefaultSelector")
 
 
 class ThreadBridge:
-    """Option A: one native thread, one asyncio loop."""
+    """Option A: one native thread, one asyncio loop (the thread from the real _thread module, or a
+    worker of gevent's own thread pool)."""
 
-    def __init__(self):
+    def __init__(self, pool=False):
         self.loop = asyncio.SelectorEventLoop(OriginalSelector())
         self.hub = gevent.get_hub()
-        start_native_thread(self._run, ())
+        if pool:
+            self.hub.threadpool.spawn(self._run)
+        else:
+            start_native_thread(self._run, ())
 
     def _run(self):
         self.loop.run_forever()
@@ -114,9 +118,9 @@ def probe(call):
         return f"failed: {type(exc).__name__}: {exc}"
 
 
-def measure_thread(calls):
+def measure_thread(calls, pool=False):
     t0 = time.perf_counter()
-    bridge = ThreadBridge()
+    bridge = ThreadBridge(pool)
     ready = time.perf_counter() - t0
     lag = HubLag()
     t0 = time.perf_counter()
@@ -155,11 +159,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args()
-    print(f"{'option':<34}{'ready':>9}{'round trip':>12}{'hub stall':>11}  local kernel / thread+Event")
+    print(f"{'option':<36}{'ready':>9}{'round trip':>12}{'hub stall':>11}  local kernel / thread+Event")
     for name, measure in (("A native thread + asyncio loop", measure_thread),
+                          ("A' gevent threadpool worker + loop", lambda calls: measure_thread(calls, pool=True)),
                           ("B helper process (JSON lines)", measure_host)):
         ready, rtt, worst, kernel, threads = measure(args.calls)
-        print(f"{name:<34}{ready * 1000:>7.1f}ms{rtt * 1e6:>10.0f}us{worst * 1000:>9.1f}ms  {kernel} / {threads}")
+        print(f"{name:<36}{ready * 1000:>7.1f}ms{rtt * 1e6:>10.0f}us{worst * 1000:>9.1f}ms  {kernel} / {threads}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from urllib.parse import parse_qs
 from flask import Response
 
 from ..errors import ApiError
+from .auth import authorized
 from ..websocket import ConnectionClosed, HandshakeError, WebSocket, is_upgrade_request
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,8 @@ class AlreadyHandled(Response):
     """What a view returns once it has taken the socket over: nothing more is written."""
 
     def __call__(self, environ, start_response):
+        if "gunicorn.socket" in environ:
+            raise StopIteration  # gunicorn's async workers: the connection is done, write nothing
         return []
 
 
@@ -45,10 +48,13 @@ def serve_channel(supervisor, session, environ):
     channel = session.channel
     with channel.arriving():
         try:
-            ws = WebSocket.accept(environ, send_timeout=channel.send_timeout)
+            ws = WebSocket.accept(environ, send_timeout=channel.send_timeout,
+                                  max_message_bytes=supervisor.config.max_message_bytes)
         except HandshakeError as exc:
             raise ApiError(400, "400", str(exc)) from None
         supervisor.nudge()
+        if channel.client is not None and channel.client.ending is None:
+            log.info("session %s: a new client takes the channel over from the connected one", session.session_id)
         client = channel.attach(ws, after)
     try:
         # Every complete frame the client sent is delivered, also after a takeover began: the
@@ -73,15 +79,14 @@ def serve_channel(supervisor, session, environ):
 
 def session_channel_app(supervisor, session_id):
     """A WSGI app serving one session's channel on any path (per-session sockets)."""
-    from .views import token_matches
-
     def app(environ, start_response):
         def fail(status, message):
             body = ('{"code":"%s","message":"%s"}' % (status.split()[0], message)).encode()
             start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
             return [body]
 
-        if not token_matches(environ.get("HTTP_AUTHORIZATION"), supervisor.config.token):
+        if not authorized(environ.get("HTTP_AUTHORIZATION"), supervisor.config.token,
+                          f"channel upgrade of session {session_id}"):
             return fail("401 Unauthorized", "Missing or invalid bearer token")
         session = supervisor.sessions.get(session_id)
         if session is None:

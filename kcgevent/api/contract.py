@@ -1,7 +1,7 @@
 """The `operation` decorator: one place that says what a view accepts and answers.
 
 The metadata it records is used twice: at run time (auth, body validation) by
-`kcgevent.api.views`, and by `kcgevent.api.openapi` to render the OpenAPI
+`kcgevent.api.views`, and by the tests (tests/openapi_render.py) to render the OpenAPI
 document that a test compares with `kallichore.json`.
 """
 from dataclasses import dataclass, field

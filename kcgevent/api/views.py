@@ -5,18 +5,21 @@ Each view declares its contract with `@operation` (see contract.py); the
 with the generated marshmallow schemas. Views only translate between HTTP
 and the Supervisor / KernelSession verbs.
 """
-import secrets
 import uuid
 
 from flask import Blueprint, current_app, g, jsonify, request
 from marshmallow import ValidationError
+from werkzeug.exceptions import HTTPException
 
 from .. import kernelspecs
 from ..errors import ApiError, StartupError
+from .auth import CHALLENGE, authorized
 from .channels import serve_channel
 from .contract import operation
-from .openapi import render_openapi
+from .openapi import shipped_openapi
+from . import validation
 from .schemas import SCHEMAS
+from .validation import header_safe
 
 bp = Blueprint("kallichore", __name__)
 
@@ -27,28 +30,26 @@ def supervisor():
     return current_app.extensions["kcgevent"]
 
 
-def token_matches(header, token):
-    """Constant-time comparison of an `Authorization: Bearer` header with the token."""
-    if token is None:
-        return True
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), token.encode())
-
-
 @bp.before_request
-def check_auth():
+def check_request():
+    """Auth, then the body's size (a body over the limit is refused before it is read)."""
     view = current_app.view_functions.get(request.endpoint)
     op = getattr(view, "operation", None)
     needs_auth = op.auth if op is not None else True
-    if needs_auth and not token_matches(request.headers.get("Authorization"), supervisor().config.token):
-        raise ApiError(401, "401", "Missing or invalid bearer token (send 'Authorization: Bearer <token>')")
+    if needs_auth and not authorized(request.headers.get("Authorization"), supervisor().config.token,
+                                     f"{request.method} {request.path}"):
+        raise ApiError(401, "401", CHALLENGE)
+    limit = request.max_content_length = supervisor().config.max_body_bytes  # (also bounds chunked bodies)
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, "413", f"The request body ({request.content_length} bytes) exceeds the limit of "
+                       f"{limit} bytes")
 
 
 @bp.after_request
 def add_span_id(response):
-    response.headers["x-span-id"] = request.headers.get("X-Span-ID") or str(uuid.uuid4())
+    response.headers["x-span-id"] = header_safe(request.headers.get("X-Span-ID") or str(uuid.uuid4()))
     if getattr(g, "ignored_fields", None):
-        response.headers["warning"] = f"Ignoring unknown fields in body: {sorted(g.ignored_fields)}"
+        response.headers["warning"] = header_safe(f"Ignoring unknown fields in body: {sorted(g.ignored_fields)}")
     return response
 
 
@@ -61,10 +62,26 @@ def api_error(exc):
     return response
 
 
+@bp.errorhandler(HTTPException)
+def http_error(exc):
+    """Werkzeug's errors (400 bad JSON, 405, 413...) in the API's JSON shape."""
+    response = jsonify({"code": str(exc.code), "message": exc.description or exc.name})
+    response.status_code = exc.code
+    return response
+
+
+@bp.errorhandler(Exception)
+def internal_error(exc):
+    current_app.logger.exception("unhandled error in %s %s", request.method, request.path)
+    response = jsonify({"code": "500", "message": f"Internal server error: {type(exc).__name__}: {exc}"})
+    response.status_code = 500
+    return response
+
+
 @bp.errorhandler(StartupError)
 def startup_error(exc):
     response = jsonify(exc.body())
-    response.status_code = 500
+    response.status_code = exc.status
     return response
 
 
@@ -73,14 +90,15 @@ def load_body(name, required=True, prepare=None):
 
     `prepare(data)` may complete the raw body first (a NewSession naming a kernelspec)."""
     schema = SCHEMAS[name]()
-    raw = request.get_data(cache=True)
+    raw = request.get_data(cache=True)  # bounded: a body over max_body_bytes is a 413 before it is read
     if not raw.strip():
         if required:
             raise ApiError(400, "400", f"Missing required body parameter {name}")
         return {}
-    data = request.get_json(silent=True)
-    if data is None:
-        raise ApiError(400, "400", f"Couldn't parse body parameter {name}: the body is not valid JSON")
+    try:
+        data = validation.parse_json(raw)
+    except ApiError as exc:
+        raise ApiError(400, "400", f"Couldn't parse body parameter {name}: {exc.message}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "400", f"Couldn't parse body parameter {name}: expected a JSON object")
     try:
@@ -90,6 +108,15 @@ def load_body(name, required=True, prepare=None):
                        f"{_describe(exc.messages)}") from None
     g.ignored_fields = set(data) - set(schema.fields)
     return loaded
+
+
+def json_body_or_none():
+    """The body as JSON if it is usable JSON (load_body reports what is wrong otherwise)."""
+    raw = request.get_data(cache=True)
+    try:
+        return validation.parse_json(raw) if raw.strip() else None
+    except ApiError:
+        return None
 
 
 def _describe(messages):
@@ -121,9 +148,11 @@ def list_sessions():
 @operation("new-session", "Create a session (it is not started)", body="newSession", body_required=True,
            responses={200: "object", 400: ERROR, 401: None})
 def new_session():
-    kspec = kernelspecs.resolve_for(request.get_json(silent=True))
+    kspec = kernelspecs.resolve_for(json_body_or_none())
     spec = kernelspecs.attach(load_body("newSession", prepare=lambda body: kernelspecs.fill_new_session(body, kspec)),
                               kspec)
+    validation.check_session_id(spec["session_id"])
+    validation.check_working_directory(spec.get("working_directory"))
     if spec.pop("run_in_shell", False) and spec["startup_environment"] == "none":
         spec["startup_environment"] = "shell"  # the 2025 client's way of asking for a shell
     session = supervisor().create(spec)
@@ -146,14 +175,16 @@ def delete_session(session_id):
 
 @bp.post("/sessions/<session_id>/start")
 @operation("start-session", "Start the kernel; answers with its kernel_info content",
-           responses={200: "object", 401: None, 404: ERROR, 500: "startupError"})
+           responses={200: "object", 400: "startupError", 401: None, 404: ERROR, 409: "startupError",
+                      500: "startupError"})
 def start_session(session_id):
     return jsonify(supervisor().get(session_id).start())
 
 
 @bp.post("/sessions/<session_id>/restart")
 @operation("restart-session", "Restart the kernel, optionally in a new directory or environment",
-           body="restartSession", responses={200: "any", 401: None, 404: ERROR, 500: "startupError"})
+           body="restartSession", responses={200: "any", 401: None, 404: ERROR, 409: "startupError",
+                                             500: "startupError"})
 def restart_session(session_id):
     session = supervisor().get(session_id)
     try:
@@ -177,7 +208,9 @@ def kill_session(session_id):
            responses={200: "object", 400: ERROR, 401: None, 404: ERROR, 500: ERROR})
 def adopt_session(session_id):
     session = supervisor().get(session_id)
-    return jsonify(session.adopt(load_body("connectionInfo")))
+    info = load_body("connectionInfo")
+    validation.check_connection_info(info)
+    return jsonify(session.adopt(info))
 
 
 @bp.get("/sessions/<session_id>/connection_info")
@@ -231,6 +264,7 @@ def server_status():
            responses={200: "any", 400: ERROR, 401: None})
 def client_heartbeat():
     body = load_body("clientHeartbeat")
+    validation.check_process_id(body.get("process_id"))
     supervisor().heartbeat(body.get("process_id"))
     return null()
 
@@ -252,7 +286,8 @@ def set_server_configuration():
 
 @bp.get("/openapi.json")
 def openapi():
-    return jsonify(render_openapi(current_app, bp.name))
+    prefix = request.path[:-len("/openapi.json")]
+    return jsonify(shipped_openapi(prefix))
 
 
 from . import execute, mcp  # noqa: E402,F401  (their routes join the blueprint)

@@ -61,7 +61,7 @@ import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from . import delivery
+from . import delivery, events
 from .outbound_log import OutboundLog
 from .wire import kernel_event
 from ..websocket import MAX_UNANSWERED_PINGS, ConnectionClosed, frame_size
@@ -100,7 +100,7 @@ _libc = _load_libc()
 
 
 def gap_notice(first, last):
-    return kernel_event("messagesDropped", {"count": last - first + 1, "first_seq": first, "last_seq": last})
+    return events.messages_dropped(first, last)
 
 
 class Client:
@@ -249,7 +249,7 @@ class Client:
                     self.writer.kill(block=True, timeout=1)
         if how == "replaced":
             ws.send_close(1000, "replaced by another client", timeout=max(0.1, deadline - time.monotonic()),
-                          before=(kernel_event("clientDisconnected", DISCONNECT_REASON),))
+                          before=(events.client_disconnected(DISCONNECT_REASON),))
         elif how == "closing":
             ws.send_close(1001, "session deleted", timeout=max(0.1, deadline - time.monotonic()))
         if not draining:
@@ -342,6 +342,7 @@ class Channel:
             self._trim()
 
     def event(self, name, payload):
+        """(Prefer `publish(events.<name>(...))`: events.py builds each event as the schema says.)"""
         self.publish(kernel_event(name, payload))
 
     def on_progress(self, client):

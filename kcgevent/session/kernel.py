@@ -109,7 +109,7 @@ class KernelConnection:
 
     def url(self, port):
         transport = self.info.get("transport", "tcp")
-        sep = ":" if transport == "tcp" else "-"
+        sep = ":" if transport == "tcp" else self.info.get("ipc_separator", "-")  # (see session/ipc.py)
         return f"{transport}://{self.info['ip']}{sep}{port}"
 
     def connect(self):

@@ -482,7 +482,8 @@ class LocalLauncher(KernelLauncher):
         import zmq  # where the guardian finds pyzmq, should it have to listen to iopub itself
         transport = connection_info.get("transport", "tcp")
         url = (f"tcp://{connection_info['ip']}:{connection_info['iopub_port']}" if transport == "tcp"
-               else f"{transport}://{connection_info['ip']}-{connection_info['iopub_port']}")
+               else f"{transport}://{connection_info['ip']}{connection_info.get('ipc_separator', '-')}"
+                    f"{connection_info['iopub_port']}")
         content = {"url": url, "pythonpath": [os.path.dirname(os.path.dirname(os.path.abspath(zmq.__file__)))]}
         tmp = os.path.join(self.workdir, "iopub.json.tmp")
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:

@@ -39,8 +39,9 @@ MARKER_BEGIN = "KALLICHORE_STARTUP_BEGIN"
 MARKER_SUCCESS = "KALLICHORE_STARTUP_SUCCESS"
 STARTUP_MODES = ("none", "shell", "command", "script")
 
-OUTPUT_LINES_KEPT = 1000
+OUTPUT_BYTES_KEPT = 256 * 1024  # the end of the output, for a StartupError
 MAX_LINE_BYTES = 64 * 1024
+READ_BYTES = 64 * 1024
 READER_JOIN_TIMEOUT = 2.0
 POLL_INTERVAL = 0.05
 
@@ -281,7 +282,7 @@ def _proc_alive(proc):
     """Like pid_alive, for a psutil.Process, also guarding against pid reuse."""
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.AccessDenied:
+    except (psutil.AccessDenied, OSError):
         return True
     except psutil.Error:
         return False
@@ -301,11 +302,11 @@ def _signal_proc(proc, sig):
 class KernelProcess:
     """A spawned kernel with its output readers and exit watcher.
 
-    ``on_output(stream, line)`` is called for each line ("stdout"/"stderr", newline included except
-    maybe on the last line), never for marker lines. ``exited`` is set once the process is gone and
-    its output delivered (or the readers gave up after READER_JOIN_TIMEOUT, when a descendant keeps
-    the pipes open); ``exit_code`` is then the OS code, -1 if killed by a signal. ``on_exit(code)``
-    is called once, after ``exited`` is set.
+    ``on_output(stream, text)`` is called with one or more whole lines at a time ("stdout"/"stderr",
+    newlines included except maybe on the last line), never with marker lines. ``exited`` is set
+    once the process is gone and its output delivered (or the readers gave up after
+    READER_JOIN_TIMEOUT, when a descendant keeps the pipes open); ``exit_code`` is then the OS
+    code, -1 if killed by a signal. ``on_exit(code)`` is called once, after ``exited`` is set.
     """
 
     def __init__(self, popen, plan, on_output, on_exit=None):
@@ -319,7 +320,8 @@ class KernelProcess:
         self._on_output = on_output
         self._on_exit = on_exit
         self._psutil = None
-        self._lines = collections.deque(maxlen=OUTPUT_LINES_KEPT)
+        self._lines = collections.deque()  # (stream, text) as delivered, bounded by OUTPUT_BYTES_KEPT
+        self._kept = 0
         self._readers = [gevent.spawn(self._read, "stdout", popen.stdout),
                          gevent.spawn(self._read, "stderr", popen.stderr)]
         gevent.spawn(self._watch)
@@ -341,21 +343,48 @@ class KernelProcess:
     # -- output ---------------------------------------------------------------------------------
 
     def _read(self, stream, pipe):
-        """Deliver lines until EOF; lines are cut at MAX_LINE_BYTES so a flood can't grow memory."""
+        """Deliver whole lines until EOF, a chunk at a time, yielding between chunks.
+
+        A kernel writing millions of short lines must neither starve other greenlets nor be held
+        up by a per-line cost: each read (up to READ_BYTES) is split at C speed and its complete
+        lines go out together; a line longer than MAX_LINE_BYTES is cut.
+        """
+        carry = b""
         try:
-            for raw in iter(lambda: pipe.readline(MAX_LINE_BYTES), b""):
-                self._deliver(stream, raw.decode("utf-8", "replace"))
+            while True:
+                data = pipe.read1(READ_BYTES)
+                if not data:
+                    break
+                data = carry + data
+                cut = data.rfind(b"\n") + 1
+                if not cut and len(data) >= MAX_LINE_BYTES:
+                    cut = MAX_LINE_BYTES
+                carry = data[cut:]
+                if cut:
+                    self._deliver(stream, data[:cut].decode("utf-8", "replace"))
+                gevent.sleep(0)  # let the other sessions (and the HTTP API) run between chunks
         except (OSError, ValueError):
             log.debug("pid %s: %s pipe closed while reading", self.pid, stream)
+        if carry:
+            self._deliver(stream, carry.decode("utf-8", "replace"))
 
-    def _deliver(self, stream, line):
-        if self._take_marker(line):
-            return
-        self._lines.append((stream, line))
+    def _deliver(self, stream, text):
+        if self.plan.mode in ("command", "script") and not self.startup_success_seen:
+            text = "".join(line for line in text.splitlines(keepends=True) if not self._take_marker(line))
+            if not text:
+                return
+        self._keep(stream, text)
         try:
-            self._on_output(stream, line)
+            self._on_output(stream, text)
         except Exception:
             log.exception("pid %s: output callback failed", self.pid)
+
+    def _keep(self, stream, text):
+        """Remember the end of the output (for StartupError), bounded in bytes."""
+        self._lines.append((stream, text))
+        self._kept += len(text)
+        while self._kept > OUTPUT_BYTES_KEPT and len(self._lines) > 1:
+            self._kept -= len(self._lines.popleft()[1])
 
     def _take_marker(self, line):
         """Record a startup marker line; True if ``line`` was one (and must not be passed on)."""
@@ -371,12 +400,12 @@ class KernelProcess:
         return False
 
     def output_lines(self):
-        """The last OUTPUT_LINES_KEPT (stream, line) pairs, markers excluded."""
-        return list(self._lines)
+        """The last (stream, line) pairs (about OUTPUT_BYTES_KEPT of them), markers excluded."""
+        return [(stream, line) for stream, text in self._lines for line in text.splitlines(keepends=True)]
 
     def startup_output(self):
         """Captured output as Kallichore reports it: lines joined by "\\n", no final newline."""
-        return "\n".join(line.removesuffix("\n").removesuffix("\r") for _, line in self._lines)
+        return "\n".join(line.removesuffix("\n").removesuffix("\r") for _, line in self.output_lines())
 
     # -- exit -----------------------------------------------------------------------------------
 
@@ -448,7 +477,7 @@ class KernelProcess:
             return []
         try:
             return psutil.Process(self.pid).children(recursive=True)
-        except psutil.Error:
+        except (psutil.Error, OSError):  # (OSError: out of fds; the process group is still signalled)
             return []
 
     def _signal_kernel(self, sig):

@@ -17,7 +17,7 @@ import gevent
 
 from ..errors import KsError, StartupError
 from . import process as proc_mod
-from . import wire
+from . import events, ipc, wire
 from .channel import Channel
 from . import execute as execute_mod
 from .execution_queue import ExecutionQueue
@@ -29,6 +29,8 @@ from .launcher import LaunchError, LaunchRequest
 
 log = logging.getLogger(__name__)
 
+CONNECTION_FILE = "{connection_file}"  # replaced in argv by the path of the connection (or registration) file
+LOGGED_OUTPUT_CHARS = 2000  # of a failed start's output, in the server log
 RUNNING = ("starting", "ready", "idle", "busy", "offline")
 
 
@@ -99,7 +101,7 @@ class KernelSession:
         self.busy_since = now if status == "busy" else None
         if status == "exited":
             self.queue.clear()
-        self.channel.event("status", {"status": status, "reason": reason})
+        self.channel.publish(events.status(status, reason))
         self.supervisor.on_session_status(self, status)
         # busy/idle change with every execute: saved within SAVE_DELAY rather than at once
         self.supervisor.session_changed(self, soon=status in ("busy", "idle"))
@@ -109,6 +111,7 @@ class KernelSession:
         return self.status in RUNNING
 
     def _on_connect_change(self, connected):
+        log.info("session %s: client %s", self.session_id, "connected" if connected else "disconnected")
         self.supervisor.nudge()
 
     # -- start ----------------------------------------------------------------
@@ -118,31 +121,60 @@ class KernelSession:
         if self._busy_verb or self.running:
             raise StartupError(KsError("StartFailed", f"Failed to start kernel: session {self.session_id} is "
                                        f"already {self._busy_verb + 'ing' if self._busy_verb else self.status}",
-                                       status=500))
+                                       status=409), status=409)
         self._busy_verb = "start"
         try:
             return self._start()
+        except StartupError as exc:
+            log.info("session %s: start failed: %s%s", self.session_id, exc.error.message,
+                     f"; output (end):\n{exc.output[-LOGGED_OUTPUT_CHARS:]}" if exc.output else "")
+            raise
+        except Exception as exc:  # anything unforeseen (fd limit, ZeroMQ...): clean up, answer a KS error
+            raise self._unexpected_failure("StartFailed", "Failed to start kernel", exc) from None
         finally:
             self._end_verb()
+
+    def _unexpected_failure(self, variant, prefix, exc):
+        """Kill what a failed start spawned, mark the session exited; the StartupError to answer."""
+        log.exception("session %s: %s", self.session_id, prefix.lower())
+        launcher, connection, self.connection = self.launcher, self.connection, None
+        output = code = None
+        if connection is not None:
+            connection.close()
+        if launcher is not None:
+            try:
+                launcher.kill()
+                launcher.wait(5)
+                output, code = launcher.startup_output(), launcher.poll()
+            except Exception:
+                log.exception("session %s: could not end the kernel of a failed start", self.session_id)
+        self.supervisor.remove_kernel_files(self.session_id)
+        self.set_status("exited", "start failed")
+        return StartupError(KsError(variant, f"{prefix}: {type(exc).__name__}: {exc}", status=500),
+                            exit_code=code, output=output)
 
     def _end_verb(self):
         """A start/restart/adopt is over; messages held for it go nowhere if it failed."""
         self._busy_verb = None
         if self.connection is None:
             for msg in self._held:
-                self.channel.event("error", {"code": "kernel_not_running", "message":
-                                             f"Message {msg.msg_id} ({msg.msg_type}) was not delivered: "
-                                             "the kernel did not start"})
+                self.channel.publish(events.error("kernel_not_running", f"Message {msg.msg_id} ({msg.msg_type}) "
+                                                  "was not delivered: the kernel did not start"))
             self._held = []
 
     def _start(self, handshake=True):
         argv = list(self.spec.get("argv") or [])
-        if not argv:
+        if not argv:  # a session made to adopt a kernel into: nothing to start (a client error)
             raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: "
-                                       "No arguments provided", status=500))
+                                       "No arguments provided (argv is empty: this session can only adopt a "
+                                       "kernel)", status=400), status=400)
+        provisioned = (self.spec.get("kernelspec") or {}).get("provisioner") is not None
+        if not provisioned and not any(CONNECTION_FILE in arg for arg in argv):  # it could never find its ports
+            raise StartupError(KsError("ProcessStartFailed", "Failed to start process for session: argv has no "
+                                       f"{CONNECTION_FILE} placeholder, so the kernel cannot be told where to "
+                                       "connect", status=400), status=400)
         self.set_status("starting", "start API called")
         registration = None
-        provisioned = (self.spec.get("kernelspec") or {}).get("provisioner") is not None
         if provisioned:  # the provisioner writes (and keeps across restarts) its own connection file
             self.connection_info_ = None
             conn_file = self.supervisor.kernel_files.path(self.session_id, "provisioned")
@@ -151,11 +183,11 @@ class KernelSession:
             conn_file = self.supervisor.write_kernel_file(self.session_id, "registration",
                                                           registration.file_content())
         else:
-            self.connection_info_ = self._new_connection_info()
+            self.connection_info_ = self._new_connection_info(self.supervisor.config.kernel_transport)
             conn_file = self.supervisor.write_kernel_file(self.session_id, "connection", self.connection_info_)
         try:
             launcher = self._launch(proc_mod.substitute_argv(argv, conn_file), conn_file)
-        except StartupError:
+        except BaseException:
             if registration is not None:
                 registration.socket.close(0)
             raise
@@ -187,11 +219,20 @@ class KernelSession:
         except LaunchError as exc:
             self.set_status("exited", exc.reason)
             raise StartupError(KsError("ProcessStartFailed", exc.message, status=500), exit_code=exc.errno) from None
+        log.info("session %s: started kernel pid %s: %s", self.session_id, launcher.pid, argv)
         if launcher.connection_info is not None:
             self.connection_info_ = dict(launcher.connection_info)
         return launcher
 
-    def _new_connection_info(self):
+    def _new_connection_info(self, transport="tcp"):
+        """Fresh endpoints: TCP ports on 127.0.0.1, or (transport "ipc") sockets in our private 0700
+        directory, which no other local user can reach (a TCP port is open to all of them)."""
+        if transport == "ipc":
+            prefix = ipc.endpoint_prefix(self.supervisor.kernel_files.directory, self.session_id)
+            if prefix is not None:
+                ipc.remove_endpoints(prefix)  # (a killed kernel's files: not to be mistaken for the new one's)
+                return {"control_port": 1, "shell_port": 2, "stdin_port": 3, "hb_port": 4, "iopub_port": 5,
+                        "signature_scheme": "hmac-sha256", "key": self.key, "transport": "ipc", "ip": prefix}
         ports = free_ports(5)
         return {"control_port": ports[0], "shell_port": ports[1], "stdin_port": ports[2], "hb_port": ports[3],
                 "iopub_port": ports[4], "signature_scheme": "hmac-sha256", "key": self.key,
@@ -216,10 +257,17 @@ class KernelSession:
                 self.connection_info_ = {**ports, "signature_scheme": "hmac-sha256", "key": self.key,
                                          "transport": "tcp", "ip": "127.0.0.1"}
                 if not probe.found_in_file:  # only a real registration is a completed handshake
-                    self.channel.event("handshakeCompleted", [self.session_id, self.connection_info_])
+                    self.channel.publish(events.handshake_completed(self.session_id, self.connection_info_))
                 phase = "connect"
-            return self._connect(self.connection_info_, timeout, exited)
-        except (HandshakeFailed, KernelConnectError) as exc:
+            info = self.connection_info_
+            if info is not None and info.get("transport") == "ipc" and not info.get("ipc_separator"):
+                # which file name did the kernel bind? (it binds at once; see session/ipc.py)
+                sep = ipc.wait_for_socket(info["ip"], info["iopub_port"], timeout, exited)
+                ipc.restrict(info["ip"], sep)
+                if sep != "-":
+                    self.connection_info_ = info = dict(info, ipc_separator=sep)
+            return self._connect(info, timeout, exited)
+        except (HandshakeFailed, KernelConnectError, ipc.SocketWaitFailed) as exc:
             raise self._startup_failure(launcher, phase, exc) from None
 
     def _startup_failure(self, launcher, phase, exc):
@@ -278,7 +326,7 @@ class KernelSession:
     # -- process events -------------------------------------------------------------
 
     def _on_output(self, stream, line):
-        self.channel.event("output", [stream, line])
+        self.channel.publish(events.output(stream, line))
 
     def _on_exit(self, token, code):
         """The kernel process exited (called once per process, after its output)."""
@@ -288,11 +336,20 @@ class KernelSession:
         # must find the old kernel fully retired before it writes the new one's files.
         connection, self.connection = self.connection, None
         execute_mod.abandon_all(self, f"the kernel exited with code {code}")
+        log.info("session %s: kernel exited with code %s", self.session_id, code)
         self.set_status("exited", "child process exited")
-        self.channel.event("exited", code)
+        self.channel.publish(events.exited(code))
         self.supervisor.remove_kernel_files(self.session_id)
+        self._remove_ipc_endpoints()
         if connection is not None:
             connection.close()
+
+    def _remove_ipc_endpoints(self):
+        """The socket files of a kernel of ours that exited (it may have been killed)."""
+        info = self.connection_info_ or {}
+        if info.get("transport") == "ipc" and os.path.dirname(info.get("ip", "")) == \
+                self.supervisor.kernel_files.directory:
+            ipc.remove_endpoints(info["ip"])
 
     def _on_heartbeat(self, alive):
         if not alive and self.status != "exited":
@@ -329,22 +386,26 @@ class KernelSession:
         try:
             msg = wire.parse_client_frame(text)
         except wire.WireError as exc:
-            return wire.kernel_event("error", {"code": "invalid_message", "message": str(exc)})
+            return events.error("invalid_message", str(exc))
         if self.connection is None:
             if self._busy_verb:
                 self._held.append(msg)  # delivered once the kernel is connected
                 return None
-            return wire.kernel_event("error", {"code": "kernel_not_running",
-                                               "message": f"Message {msg.msg_id} ({msg.msg_type}) was not "
-                                               f"delivered: the kernel is {self.status}"})
-        self._deliver(msg)
+            return events.error("kernel_not_running", f"Message {msg.msg_id} ({msg.msg_type}) was not "
+                                f"delivered: the kernel is {self.status}")
+        try:
+            self._deliver(msg)
+        except Exception as exc:  # one message we cannot send must not end the client's connection
+            log.exception("session %s: could not deliver %s %s", self.session_id, msg.msg_type, msg.msg_id)
+            return events.error("delivery_failed", f"Message {msg.msg_id} ({msg.msg_type}) was not delivered: "
+                                f"{type(exc).__name__}: {exc}")
         return None
 
     def _deliver(self, msg):
         """Send a client message, through the execution queue when it is code."""
         if msg.msg_type == "execute_request" and isinstance(msg.content.get("code"), str):
             if not self.queue.submit(msg):
-                self.channel.event("executionQueued", msg.msg_id)
+                self.channel.publish(events.execution_queued(msg.msg_id))
                 return
         elif msg.msg_type in ("interrupt_request", "shutdown_request"):
             self.queue.clear_pending()
@@ -373,12 +434,13 @@ class KernelSession:
             self._known_cwd = os.path.realpath(self.working_directory) if self.working_directory else ""
         if cwd != self._known_cwd:
             self._known_cwd = self.working_directory = cwd
-            self.channel.event("workingDirChanged", cwd)
+            self.channel.publish(events.working_dir_changed(cwd))
             self.supervisor.session_changed(self)
 
     # -- verbs ----------------------------------------------------------------------
 
     def interrupt(self):
+        log.info("session %s: interrupt (%s)", self.session_id, self.spec.get("interrupt_mode", "message"))
         if self.spec.get("interrupt_mode", "message") == "signal":
             if self.launcher is None or self.launcher.poll() is not None:
                 raise KsError("SessionInterruptFailed",
@@ -400,6 +462,7 @@ class KernelSession:
             raise KsError("NoProcess", f"There is no process associated with session {self.session_id} "
                           "(has it exited?)")
         pid = launcher.pid
+        log.info("session %s: killing kernel pid %s and its process tree", self.session_id, pid)
         if not launcher.kill() and launcher.wait(5) is None:
             raise KsError("ProcessNotFound", f"Can't find process {pid} for session {self.session_id}",
                           details="the process did not exit after SIGKILL")
@@ -407,14 +470,20 @@ class KernelSession:
     def restart(self, working_directory=None, env=None):
         if self._busy_verb:
             raise StartupError(KsError("RestartFailed", "Failed to restart kernel: Kernel is already "
-                                       f"{self._busy_verb}ing", status=500))
+                                       f"{self._busy_verb}ing", status=409), status=409)
         self._busy_verb = "restart"
+        log.info("session %s: restarting", self.session_id)
         try:
             self._choose_working_directory(working_directory)
             if env:
                 self.env_actions = list(env)
             self._stop_for_restart()
             self._start()
+        except StartupError as exc:
+            log.info("session %s: restart failed: %s", self.session_id, exc.error.message)
+            raise
+        except Exception as exc:
+            raise self._unexpected_failure("RestartFailed", "Failed to restart kernel", exc) from None
         finally:
             self._end_verb()
 
@@ -430,7 +499,7 @@ class KernelSession:
             cwd = self.launcher.cwd()
             if cwd and cwd != self.working_directory:
                 self.working_directory = cwd
-                self.channel.event("workingDirChanged", cwd)
+                self.channel.publish(events.working_dir_changed(cwd))
 
     def _stop_for_restart(self):
         """Ask the kernel to shut down for a restart; kill it if it won't."""
@@ -494,11 +563,11 @@ class KernelSession:
     def connection_info(self):
         if self.connection_info_ is None:
             self.connection_info_ = self._new_connection_info()
-        return self.connection_info_
+        return {k: v for k, v in self.connection_info_.items() if k != "ipc_separator"}  # (ours, internal)
 
     def record_resource_usage(self, sample):
         self.resource_usage = sample
-        self.channel.event("resourceUsage", sample)
+        self.channel.publish(events.resource_usage(sample))
 
     # -- surviving the supervisor (state dir) -----------------------------------------------------
 
@@ -554,9 +623,9 @@ class KernelSession:
         self.status, self.status_reason = status, record.get("status_reason")
         if status not in RUNNING:
             return problem
-        self.channel.event("outputGap", {"reason": "The supervisor restarted: what the kernel published on "
-                                         "iopub between the supervisor's end and its guardian's first "
-                                         "listening may be lost"})
+        self.channel.publish(events.output_gap("The supervisor restarted: what the kernel published on iopub "
+                                               "between the supervisor's end and its guardian's first listening "
+                                               "may be lost"))
         launcher_state = record.get("launcher")
         if launcher_state is not None:
             token = self._exit_token = object()
@@ -569,8 +638,9 @@ class KernelSession:
             code = self.launcher.poll()
             if code is not None:
                 self.set_status("exited", "the kernel exited while no supervisor ran")
-                self.channel.event("exited", code)
+                self.channel.publish(events.exited(code))
                 self.supervisor.remove_kernel_files(self.session_id)
+                self._remove_ipc_endpoints()
                 return problem
         if status == "starting" or not self.connection_info_:
             if self.launcher is not None:

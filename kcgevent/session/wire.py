@@ -19,9 +19,11 @@ from datetime import datetime, timezone
 
 DELIMITER = b"<IDS|MSG>"
 CLIENT_CHANNELS = ("shell", "control", "stdin")
+MAX_CLIENT_DEPTH = 100  # deeper client frames are refused: encoding them again for the kernel would recurse
 _CHANNEL_BYTES = {name: name.encode() for name in ("shell", "control", "stdin", "iopub")}
 # One encoder for every frame: json.dumps with non-default options builds a new one per call.
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_encode_ascii = json.JSONEncoder(separators=(",", ":")).encode
 # The C scanner behind json.loads, without json.loads' Python layers (type checks, encoding sniffing).
 _scan = json.scanner.make_scanner(json.JSONDecoder())
 
@@ -40,7 +42,10 @@ def utc_now_iso():
 
 
 def dumps(obj):
-    return _encode(obj).encode()
+    try:
+        return _encode(obj).encode()
+    except UnicodeEncodeError:  # a lone surrogate (a client's "\ud800", an OS path): escaped, still valid JSON
+        return _encode_ascii(obj).encode()
 
 
 def loads(raw):
@@ -219,6 +224,12 @@ def parse_client_frame(text):
         msg = loads(text)
     except ValueError as exc:
         raise WireError(f"frame is not valid JSON: {exc}") from None
+    except RecursionError:
+        msg = too_deep = None  # json gave up: deeper than any limit
+    else:
+        too_deep = json_depth_exceeds(msg, MAX_CLIENT_DEPTH)
+    if too_deep is not False:
+        raise WireError(f"frame is nested too deeply (at most {MAX_CLIENT_DEPTH} levels)")
     if not isinstance(msg, dict):
         raise WireError("frame must be a JSON object")
     header = msg.get("header")
@@ -243,6 +254,21 @@ def parse_client_frame(text):
     except (TypeError, ValueError):
         raise WireError("buffers must be a list of base64 strings") from None
     return ClientMessage(header, parent or None, channel, content, metadata, buffers)
+
+
+def json_depth_exceeds(value, limit):
+    """True if `value` nests lists/objects more than `limit` levels (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return False
 
 
 def kernel_event(name, payload):

@@ -45,7 +45,8 @@ Command language (``code`` of an execute_request, one command per line,
 blank lines skipped, the first error stops the cell)::
 
   print TEXT      iopub stream stdout "TEXT\\n"
-  flood N         N stream messages "0\\n" .. "N-1\\n", one message each
+  flood N [WIDTH] N stream messages "0\\n" .. "N-1\\n", one message each (numbers right-aligned
+                  to WIDTH characters if given: big messages)
   sleep SECONDS   interruptible sleep (SIGINT or interrupt_request on control
                   -> error reply ename "KeyboardInterrupt")
   input PROMPT    input_request on stdin (same identity as the shell peer),
@@ -442,7 +443,8 @@ class FakeKernel:
         if cmd == "print":
             self.stream(arg + "\n", msg)
         elif cmd == "flood":
-            self.flood(int(arg), msg)
+            count, _, width = arg.partition(" ")
+            self.flood(int(count), msg, int(width or 0))
         elif cmd == "sleep":
             self.wait(float(arg), False)
         elif cmd == "input":
@@ -466,11 +468,11 @@ class FakeKernel:
         else:
             self.stream(line + "\n", msg)
 
-    def flood(self, count: int, msg: Message) -> None:
+    def flood(self, count: int, msg: Message, width: int = 0) -> None:
         send = self.wire.send
         iopub, parent = self.iopub, msg.header_raw
         for i in range(count):
-            send(iopub, "stream", {"name": "stdout", "text": f"{i}\n"}, parent, (b"stream.stdout",))
+            send(iopub, "stream", {"name": "stdout", "text": f"{i:>{width}}\n"}, parent, (b"stream.stdout",))
 
     def input(self, prompt: str, msg: Message) -> str:
         if not msg.content.get("allow_stdin", True):
