@@ -1,5 +1,6 @@
 """Positron commands brokered from an agent to a window over the workspace channel."""
 import pytest
+import websocket
 
 from agents import AGENT, Window, agent, run_agent, schema_validator, spawn_agent, structured
 from conftest import wait_for
@@ -141,5 +142,21 @@ def test_workspace_channel_over_the_unix_socket_transport(start_server):
         window.reply(window.next_request(), result="over the socket")
         assert structured(pending.get(timeout=60))["result"] == "over the socket"
         assert server.client.call("GET", "/status")["mcp"]["workspaces"][0]["connected"] is True
+    finally:
+        window.close()
+    server.client.token = "wrong"  # the upgrade needs the supervisor's token like every endpoint
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        Window(server, workspace["workspace_id"])
+    assert refused.value.status_code == 401
+
+
+def test_window_that_stops_answering_pings_is_detached(start_server):
+    server = start_server("--transport", "tcp", "--ping-interval", "0.2")
+    workspace = server.client.call("POST", "/mcp/workspaces", {"display_name": "Pings"})
+    window = Window(server, workspace["workspace_id"])  # never reads again: pings go unanswered
+    try:
+        window.hello(CATALOG, focused=True)
+        wait_for(lambda: not server.client.call("GET", "/status")["mcp"]["workspaces"][0]["connected"], 30,
+                 "the silent window to be detached")
     finally:
         window.close()
