@@ -34,6 +34,7 @@ setup(
         "psutil>=5.9",
         "wsproto>=1.2",
         "websocket-client>=1.6",
+        "mcp>=2.3",
         "jupyter_client>=8",  # kernelspec discovery (kernel_name, `kcgevent kernelspecs`) and provisioners
     ],
     extras_require={

@@ -1,7 +1,13 @@
-"""`python -m kcgevent` (and the `kcgevent` script): patch for gevent first, then run the CLI."""
-from gevent import monkey
+"""`python -m kcgevent` (and the `kcgevent` script): patch for gevent first, then run the CLI.
 
-monkey.patch_all()
+`mcp-stdio` is a plain asyncio program (the MCP SDK's stdio transport): it is not patched.
+"""
+import sys
+
+if sys.argv[1:2] != ["mcp-stdio"]:
+    from gevent import monkey
+
+    monkey.patch_all()
 
 
 def main():

@@ -61,6 +61,7 @@ def setup_logging(level_name, log_file):
 @argh.arg("--heartbeat-interval", type=float, help="seconds between kernel heartbeats")
 @argh.arg("--heartbeat-timeout", type=float, help="seconds without a heartbeat reply before a kernel is offline")
 @argh.arg("--idle-shutdown-seconds", type=float, help="like --idle-shutdown-hours, in seconds (for tests)")
+@argh.arg("--mcp-command-timeout", type=float, help="seconds an agent's Positron command waits for the window's reply")
 @argh.arg("--state-dir", help="keep sessions here so that kernels survive a crash of the server and a server "
           "started again on it serves them (also KCGEVENT_STATE_DIR)")
 @argh.arg("--restart-grace", type=float, help="with --state-dir: seconds kernels wait for a server to come back "
@@ -76,7 +77,8 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
           socket_dir=None, unix_socket=None, buffer_limit=100_000, buffer_bytes=64 << 20, shutdown_timeout=5.0,
           ping_interval=10.0, heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None,
           state_dir=None, restart_grace=60.0, max_body_bytes=16 * 1024 * 1024, max_message_bytes=64 * 1024 * 1024,
-          http_timeout=60.0, access_log=False, kernel_transport=None, version=False):
+          http_timeout=60.0, access_log=False, kernel_transport=None, mcp_command_timeout=45.0,
+          version=False):
     """Run the kernel supervisor server."""
     if version:
         print(f"kcgevent {__version__} (Kallichore API {VERSION})")
@@ -90,7 +92,8 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
                           state_dir=state_dir or os.environ.get("KCGEVENT_STATE_DIR") or None,
                           restart_grace=max(0.0, restart_grace),
                           max_body_bytes=max_body_bytes, max_message_bytes=max_message_bytes,
-                          http_timeout=http_timeout if http_timeout > 0 else None, access_log=access_log)
+                          http_timeout=http_timeout if http_timeout > 0 else None, access_log=access_log,
+                          mcp_command_timeout=mcp_command_timeout)
     if kernel_transport:
         config.kernel_transport = kernel_transport
     try:
@@ -106,6 +109,9 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "mcp-stdio":
+        from .mcp.stdio import main as mcp_stdio
+        return mcp_stdio(argv[1:])
     from .newcomer import kernelspecs, run, sessions
     if argv and argv[0] in ("run", "sessions", "kernelspecs"):
         parser = argh.ArghParser(prog="kcgevent")
@@ -114,6 +120,6 @@ def main(argv=None):
     else:
         parser = argh.ArghParser(prog="kcgevent", description="A durable supervisor for Jupyter kernels. "
                                  "Client commands: 'kcgevent run --help', 'kcgevent sessions --help', "
-                                 "'kcgevent kernelspecs --help'.")
+                                 "'kcgevent kernelspecs --help', 'kcgevent mcp-stdio --help'.")
         parser.set_default_command(serve)
         parser.dispatch(argv)

@@ -20,6 +20,8 @@ class ServerConfig:
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 5.0
     idle_shutdown_seconds: float | None = None  # overrides the hours (tests, embedding)
+    mcp_attach_timeout: float = 15.0  # seconds a brokered Positron command waits for a window to attach
+    mcp_command_timeout: float = 45.0  # seconds it waits for the window's reply
     max_body_bytes: int = 16 * 1024 * 1024  # a larger HTTP body is refused with 413 before it is read
     max_message_bytes: int = 64 * 1024 * 1024  # a larger channel message closes the WebSocket with 1009
     http_timeout: float = 60.0  # seconds an HTTP connection may sit idle (or half-sent) before it is closed

@@ -19,6 +19,7 @@ import zmq.green as zmq
 from .config import VERSION, ServerConfig
 from .errors import ApiError, KsError, not_found
 from .kernel_files import KernelFiles
+from .mcp.workspaces import Workspaces
 from .session import win_interrupt
 from .session.launcher import LauncherFactory
 from .session.resources import ResourceSampler
@@ -62,6 +63,7 @@ class Supervisor:
         self._dirty = set()  # sessions whose record must be saved
         self._save_scheduled = False
         self._save_timer = None
+        self.mcp = Workspaces(self)  # MCP workspaces and the agents' listener
 
     # -- registry -------------------------------------------------------------
 
@@ -239,6 +241,7 @@ class Supervisor:
             "process_id": os.getpid(),
             "started": rfc3339(self.started),
             "server_id": self.server_id,
+            "mcp": self.mcp.status(),
         }
 
     def heartbeat(self, process_id=None):
@@ -389,6 +392,7 @@ class Supervisor:
             session.launcher.wait(max(0.0, deadline - time.monotonic()))
         for session in sessions:
             session.terminate()
+        self.mcp.shutdown()
         if self.channel_endpoints is not None:
             self.channel_endpoints.close_all()
         for greenlet in (self._sampler, self._idle_watch, self._checkpoint):

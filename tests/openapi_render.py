@@ -107,6 +107,8 @@ def _schema_for(kind):
         return {}
     if kind in ("string", "object"):
         return {"type": kind}
+    if kind.endswith("[]"):  # an array of a component, e.g. "executionHistoryEntry[]"
+        return {"type": "array", "items": SCHEMAS[kind[:-2]]}
     return SCHEMAS[kind]
 
 

@@ -76,6 +76,23 @@ ROUTES = [
      dict(operation_id="set-server-configuration", summary="Change server configuration",
           responses={200: "any", 400: "error", 401: None}, body="serverConfiguration",
           body_required=True)),
+    ("execute_code", S + "/execute", "POST",
+     dict(operation_id="execute-code", summary="Execute code",
+          responses={200: "executeReply", 400: "error", 401: None, 404: "error", 408: "error", 409: "error"},
+          body="executeRequest", body_required=True)),
+    ("session_history", S + "/history", "GET",
+     dict(operation_id="get-session-history", summary="Get history",
+          responses={200: "executionHistoryEntry[]", 401: None, 404: "error"})),
+    ("register_workspace", "/mcp/workspaces", "POST",
+     dict(operation_id="register-mcp-workspace", summary="Register",
+          responses={200: "mcpWorkspace", 400: "error", 401: None},
+          body="mcpWorkspaceRegistration", body_required=True)),
+    ("deregister_workspace", "/mcp/workspaces/<workspace_id>", "DELETE",
+     dict(operation_id="deregister-mcp-workspace", summary="Deregister",
+          responses={200: "any", 401: None, 404: "error"})),
+    ("workspace_channel", "/mcp/workspaces/<workspace_id>/channel", "GET",
+     dict(operation_id="mcp-workspace-channel", summary="Workspace channel",
+          responses={200: "string", 400: "error", 401: None, 404: "error"})),
 ]
 
 
@@ -431,6 +448,9 @@ def test_server_frames():
         {"clientDisconnected": "Another client is connecting to this session."},
         {"handshakeCompleted": ["s", info]},
         {"messagesDropped": {"count": 2, "first_seq": 10, "last_seq": 11}},
+        {"executionRequested": {"msg_id": "m1", "code": "1", "requested_at": "2026-01-01T00:00:00.000Z",
+                                "attribution": {"source": "agent", "agent_name": "claude-code",
+                                                "workspace_id": "w-abc123", "tool": "execute_code"}}},
         {"outputGap": {"reason": "The supervisor restarted"}},
         {"error": {"code": "bad_frame", "message": "not JSON"}},
     ]:
@@ -438,6 +458,28 @@ def test_server_frames():
     assert not v.is_valid({"kind": "kernel", "exited": 0, "executionQueued": "x"})
     assert not v.is_valid({"kind": "kernel", "output": ["stdout"]})
     assert not v.is_valid({"header": header})
+
+
+def test_mcp_workspace_channel_frames():
+    v = _validator("mcp-workspace-channel.json")
+    command = {"id": "positron.openDataExplorer", "description": "Open",
+               "args": [{"name": "variable", "required": True, "schema": {"type": "string"}}]}
+    for frame in [
+        {"kind": "hello"},
+        {"kind": "hello", "positron_version": "2026.11.0", "commands": [command], "session_ids": ["s"],
+         "foreground_session_id": None, "focused": True},
+        {"kind": "commands_changed", "commands": []},
+        {"kind": "foreground_changed", "session_id": "s"},
+        {"kind": "sessions_changed", "session_ids": []},
+        {"kind": "focused"},
+        {"kind": "command_reply", "id": "r", "ok": False, "reason": "not-found", "message": "no"},
+        {"kind": "command_request", "id": "r", "command_id": "c", "args": [], "agent": {"name": "a"},
+         "deadline_ms": 45000},
+        {"kind": "clients_changed", "clients": [{"id": 1, "name": "a", "connected_at": "2026-01-01T00:00:00Z"}]},
+    ]:
+        assert v.is_valid(frame), frame
+    assert not v.is_valid({"kind": "command_reply", "id": "r"})
+    assert not v.is_valid({"kind": "command_reply", "id": "r", "ok": False, "reason": "bored"})
 
 
 def test_connection_file_and_handshake_payload():

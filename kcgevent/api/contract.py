@@ -14,7 +14,8 @@ class Operation:
     `body` and the values of `responses` name components of kallichore.json
     (e.g. "newSession", "error"); a response value of None means "no schema"
     (an empty or `null` body), "any" means an unconstrained JSON value,
-    "string" / "object" mean an inline schema of that JSON type.
+    "string" / "object" mean an inline schema of that JSON type, and "name[]" an
+    array of component `name`.
     """
 
     operation_id: str

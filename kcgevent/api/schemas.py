@@ -198,6 +198,46 @@ class ResourceUsageSchema(Schema):
     )
 
 
+class ExecutionErrorSchema(Schema):
+    """The error an execution raised (clipped)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    name = fields.String(required=True)
+    message = fields.String(required=True)
+    traceback = fields.List(fields.String(), required=True)
+
+
+class ExecutionHistoryEntrySchema(Schema):
+    """One execution in a session's history (input and output clipped to 4 KiB each)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    input = fields.String(required=True, metadata={"description": "The code."})
+    output = fields.String(
+        required=True,
+        metadata={"description": "Stream text and text/plain of results and displays."},
+    )
+    error = fields.Nested(ExecutionErrorSchema)
+    timestamp = fields.Integer(
+        strict=True,
+        required=True,
+        metadata={"description": "Unix ms when the request went to the kernel.", "format": "int64"},
+    )
+    source = fields.String(
+        metadata={"description": "Who asked, from metadata.attribution.source (e.g. agent)."},
+    )
+    agent = fields.String(
+        metadata={"description": "The agent's name, from attribution.agent_name."},
+    )
+    truncated = fields.Boolean(
+        required=True,
+        metadata={"description": "Whether anything was clipped."},
+    )
+
+
 class ActiveSessionSchema(Schema):
     """A kernel session known to the server."""
 
@@ -255,6 +295,59 @@ class ActiveSessionSchema(Schema):
     socket_path = fields.String(
         metadata={"description": "Per-session socket, while a client uses one."},
     )
+    workspace_id = fields.String(
+        metadata={"description": "Workspace the session belongs to, if any."},
+    )
+    history = fields.List(
+        fields.Nested(ExecutionHistoryEntrySchema),
+        metadata={"description": "The last 3 executions."},
+    )
+
+
+class McpClientSchema(Schema):
+    """An agent connected to a workspace."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.Integer(strict=True, required=True)
+    name = fields.String()
+    version = fields.String()
+    pid = fields.Integer(strict=True)
+    working_directory = fields.String()
+    session_id = fields.String(
+        metadata={"description": "The kernel session the agent runs in, if any."},
+    )
+    connected_at = fields.String(required=True, metadata={"format": "date-time"})
+
+
+class McpWorkspaceStatusSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    id = fields.String(required=True)
+    display_name = fields.String(required=True)
+    connected = fields.Boolean(
+        required=True,
+        metadata={"description": "Whether any window's channel is attached."},
+    )
+    clients = fields.List(fields.Nested(McpClientSchema), required=True)
+
+
+class McpStatusSchema(Schema):
+    """The MCP listener for agents."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    active = fields.Boolean(required=True)
+    port = fields.Integer(strict=True, required=True, metadata={"description": "0 when inactive."})
+    request_count = fields.Integer(
+        strict=True,
+        required=True,
+        metadata={"description": "Tool calls since the listener started."},
+    )
+    workspaces = fields.List(fields.Nested(McpWorkspaceStatusSchema), required=True)
 
 
 class ServerStatusSchema(Schema):
@@ -291,6 +384,7 @@ class ServerStatusSchema(Schema):
         required=True,
         metadata={"description": "Identifies this server instance."},
     )
+    mcp = fields.Nested(McpStatusSchema)
 
 
 class SessionListSchema(Schema):
@@ -323,6 +417,121 @@ class ServerConfigurationSchema(Schema):
     )
 
 
+class ExecuteRequestSchema(Schema):
+    """Code to run through the session's execution queue."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    code = fields.String(required=True, metadata={"description": "The code to run."})
+    silent = fields.Boolean(
+        load_default=False,
+        metadata={"description": "Jupyter silent: no output, no execute_result, counter unchanged."},
+    )
+    store_history = fields.Boolean(
+        load_default=True,
+        metadata={"description": "Whether the execution enters the kernel's history."},
+    )
+    stop_on_error = fields.Boolean(
+        load_default=True,
+        metadata={"description": "Abort queued executions on error."},
+    )
+    timeout_seconds = fields.Integer(
+        strict=True,
+        metadata={"description": "Deadline in seconds; then the kernel is interrupted (408, timeout)."},
+    )
+
+
+class ExecuteOutputSchema(Schema):
+    """One output message of an execution, in order."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    type = fields.String(
+        required=True,
+        validate=validate.OneOf(["stream", "display_data", "error"]),
+    )
+    stream_name = fields.String(metadata={"description": "stdout or stderr (streams)."})
+    text = fields.String(metadata={"description": "The text (streams)."})
+    data = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "MIME bundle (display_data); non-string values rendered as JSON."},
+    )
+    metadata = fields.Dict(metadata={"description": "Display metadata (display_data)."})
+    error_name = fields.String()
+    error_message = fields.String()
+    error_traceback = fields.List(fields.String())
+
+
+class ExecuteReplySchema(Schema):
+    """Everything an execution produced."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    status = fields.String(required=True, validate=validate.OneOf(["ok", "error"]))
+    execution_count = fields.Integer(strict=True, required=True)
+    output = fields.List(fields.Nested(ExecuteOutputSchema), required=True)
+    data = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "The execute_result's MIME bundle, if any."},
+    )
+    error_name = fields.String()
+    error_message = fields.String()
+    error_traceback = fields.List(fields.String())
+
+
+class McpWorkspaceCapabilitiesSchema(Schema):
+    """What the workspace's windows can do (accepted and ignored)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    commands = fields.Boolean()
+
+
+class McpWorkspaceRegistrationSchema(Schema):
+    """A workspace registering for AI agents."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    display_name = fields.String(
+        required=True,
+        metadata={"description": "Normally the folder name; used to mint the id."},
+    )
+    workspace_id = fields.String(metadata={"description": "A previously issued id to reuse."})
+    preferred_port = fields.Integer(
+        strict=True,
+        metadata={"description": "Port for the MCP listener if it is not running yet (ignored if taken)."},
+    )
+    token = fields.String(
+        metadata={"description": "A previously issued token to keep (64 hex characters)."},
+    )
+    capabilities = fields.Nested(McpWorkspaceCapabilitiesSchema)
+
+
+class McpWorkspaceSchema(Schema):
+    """A registered workspace and where its agents connect."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    workspace_id = fields.String(required=True)
+    token = fields.String(
+        required=True,
+        metadata={"description": "The agents' bearer token (not the supervisor's)."},
+    )
+    port = fields.Integer(strict=True, required=True)
+    url = fields.String(
+        required=True,
+        metadata={"description": "http://127.0.0.1:<port>/mcp/w/<workspace_id>"},
+    )
+
+
 SCHEMAS: dict[str, type[Schema]] = {
     "error": ErrorSchema,
     "varAction": VarActionSchema,
@@ -333,8 +542,19 @@ SCHEMAS: dict[str, type[Schema]] = {
     "restartSession": RestartSessionSchema,
     "execution_queue": ExecutionQueueSchema,
     "resourceUsage": ResourceUsageSchema,
+    "executionError": ExecutionErrorSchema,
+    "executionHistoryEntry": ExecutionHistoryEntrySchema,
     "activeSession": ActiveSessionSchema,
+    "mcpClient": McpClientSchema,
+    "mcpWorkspaceStatus": McpWorkspaceStatusSchema,
+    "mcpStatus": McpStatusSchema,
     "serverStatus": ServerStatusSchema,
     "sessionList": SessionListSchema,
     "serverConfiguration": ServerConfigurationSchema,
+    "executeRequest": ExecuteRequestSchema,
+    "executeOutput": ExecuteOutputSchema,
+    "executeReply": ExecuteReplySchema,
+    "mcpWorkspaceCapabilities": McpWorkspaceCapabilitiesSchema,
+    "mcpWorkspaceRegistration": McpWorkspaceRegistrationSchema,
+    "mcpWorkspace": McpWorkspaceSchema,
 }

@@ -288,3 +288,6 @@ def set_server_configuration():
 def openapi():
     prefix = request.path[:-len("/openapi.json")]
     return jsonify(shipped_openapi(prefix))
+
+
+from . import execute, mcp  # noqa: E402,F401  (their routes join the blueprint)

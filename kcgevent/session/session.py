@@ -19,9 +19,11 @@ from ..errors import KsError, StartupError
 from . import process as proc_mod
 from . import events, ipc, wire
 from .channel import Channel
+from . import execute as execute_mod
 from .execution_queue import ExecutionQueue
 from .handshake import HandshakeFailed, NoHandshake, Registration, SilentKernelProbe, wants_handshake
 from .iopub_capture import CaptureMerge
+from .history import RECENT_ENTRIES, ExecutionHistory
 from .kernel import KernelConnectError, KernelConnection
 from .launcher import LaunchError, LaunchRequest
 
@@ -79,6 +81,8 @@ class KernelSession:
                                log=log)
         self.channel.on_connect_change = self._on_connect_change
         self.queue = ExecutionQueue()
+        self.history = ExecutionHistory()
+        self.collectors = {}  # msg_id -> execute.Collector of callers waiting for a result
         self.socket_path = None
         self._busy_verb = None  # "start" / "restart" while one is under way
         self._held = []  # client messages that arrived while a start was under way
@@ -203,6 +207,7 @@ class KernelSession:
         env = proc_mod.resolve_env(self.env_actions)
         if os.name == "nt":
             env.update(self.supervisor.windows_kernel_env(self))
+        env.update(self.supervisor.mcp.kernel_env(self))
         self.initial_env = env
         token = self._exit_token = object()
         launcher = self.supervisor.launchers.new(self, self._on_output, lambda code: self._on_exit(token, code))
@@ -330,6 +335,7 @@ class KernelSession:
         # All bookkeeping before the first yield: a restart waiting for this exit
         # must find the old kernel fully retired before it writes the new one's files.
         connection, self.connection = self.connection, None
+        execute_mod.abandon_all(self, f"the kernel exited with code {code}")
         log.info("session %s: kernel exited with code %s", self.session_id, code)
         self.set_status("exited", "child process exited")
         self.channel.publish(events.exited(code))
@@ -354,6 +360,8 @@ class KernelSession:
     # -- the relay ------------------------------------------------------------------
 
     def _on_kernel_message(self, msg, header_raw):
+        if self.collectors or self.history.open:
+            execute_mod.observe(self, msg)
         if msg.channel == "iopub" and msg.msg_type == "status":
             state = msg.content.get("execution_state")
             if state in ("busy", "idle"):
@@ -407,6 +415,8 @@ class KernelSession:
         conn = self.connection
         if conn is None:
             return
+        if msg.msg_type == "execute_request":
+            self.history.started(msg.msg_id, msg.content, msg.metadata)
         conn.send(msg.channel, msg.msg_type, msg.content, msg_id=msg.msg_id, parent=msg.parent_header,
                   metadata=msg.metadata, buffers=msg.buffers)
 
@@ -702,6 +712,8 @@ class KernelSession:
             "session_mode": self.spec.get("session_mode", "console"),
             "working_directory": self.working_directory,
         })
+        if self.spec.get("workspace_id"):
+            data["workspace_id"] = self.spec["workspace_id"]
         if self.spec.get("notebook_uri"):
             data["notebook_uri"] = self.spec["notebook_uri"]
         data.update({
@@ -715,6 +727,7 @@ class KernelSession:
             data["resource_usage"] = self.resource_usage
         data["idle_seconds"] = int(now - self.idle_since) if self.idle_since is not None else 0
         data["busy_seconds"] = int(now - self.busy_since) if self.busy_since is not None else 0
+        data["history"] = self.history.to_json(RECENT_ENTRIES)
         if self.socket_path and self.channel.connected:
             data["socket_path"] = self.socket_path
         return data
