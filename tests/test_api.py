@@ -5,7 +5,6 @@ endpoint (and on the channel upgrade), body validation, the session state
 machine as seen through GET, adopt, server configuration, heartbeat and
 shutdown. Every wait is bounded.
 """
-import http.client
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from conftest import (
     get_session,
     new_id,
     pid_gone,
+    raw_request,
     replies_to,
     start_session,
     stream_text,
@@ -40,29 +40,6 @@ CONNECTION_INFO_KEYS = ["control_port", "shell_port", "stdin_port", "hb_port", "
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def raw_request(server, method, path, body=None, *, raw_body=None, headers=None, token=True, timeout=30):
-    """(status, headers, decoded body) of one request; the body is decoded as JSON when possible."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.info["port"], timeout=timeout)
-    all_headers = dict(server.client.headers(token))
-    all_headers.update(headers or {})
-    data = raw_body
-    if body is not None:
-        data = json.dumps(body).encode()
-    if data is not None:
-        all_headers.setdefault("Content-Type", "application/json")
-    try:
-        conn.request(method, path, body=data, headers=all_headers)
-        response = conn.getresponse()
-        payload = response.read()
-    finally:
-        conn.close()
-    try:
-        decoded = json.loads(payload) if payload else None
-    except ValueError:
-        decoded = payload.decode(errors="replace")
-    return response.status, response.headers, decoded
 
 
 def status_of(server, session_id):

@@ -11,26 +11,16 @@ import time
 
 import gevent
 import pytest
-from conftest import FAKE_KERNEL, PYTHON, fake_kernel_session, get_session, new_id, pid_gone, wait_for
+from conftest import (FAKE_KERNEL, PYTHON, fake_kernel_session, get_session, new_id, pid_gone, raw_request,
+                      wait_for)
 
 from kcgevent.websocket import accept_key
 
 
 def request(server, method, path, body=None, *, raw=None, headers=None, timeout=30):
-    """(status, headers, decoded JSON or text) with full control over the body bytes."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.info["port"], timeout=timeout)
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    try:
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        response = conn.getresponse()
-        payload = response.read()
-    finally:
-        conn.close()
-    try:
-        decoded = json.loads(payload) if payload else None
-    except ValueError:
-        decoded = payload.decode(errors="replace")
-    return response.status, dict(response.getheaders()), decoded
+    """(status, headers, decoded JSON or text) of a request without a token, always typed as JSON."""
+    return raw_request(server, method, path, body, raw_body=raw, token=False, timeout=timeout,
+                       headers={"Content-Type": "application/json", **(headers or {})})
 
 
 def assert_400(answer, code="400", part=None):
