@@ -22,14 +22,14 @@ from bisect import bisect_left, bisect_right
 
 import gevent
 
-from .outbound_log import BATCH_BYTES, BATCH_FRAMES
+from .outbound_log import BATCH_BYTES, BATCH_FRAMES, FrameIndex
 
 SEGMENT_BYTES = 8 << 20
 _LEN = struct.Struct(">I")
 _SUFFIX = ".seg"
 
 
-class FileLog:
+class FileLog(FrameIndex):
     """Frames numbered from 1 in segment files; the interface of `OutboundLog` (see channel.py)."""
 
     def __init__(self, directory, limit, byte_limit=None):
@@ -49,27 +49,6 @@ class FileLog:
         self._recover()
 
     # -- the interface -----------------------------------------------------------------------------
-
-    def __len__(self):
-        return len(self._ends) - self._head
-
-    @property
-    def first_seq(self):
-        return self._first_seq
-
-    @property
-    def next_seq(self):
-        return self._first_seq + len(self)
-
-    @property
-    def nbytes(self):
-        return (self._ends[-1] - self._base) if len(self) else 0
-
-    def over_limit(self):
-        n = len(self)
-        if n > self.limit:
-            return True
-        return self.byte_limit is not None and n > 1 and self.nbytes > self.byte_limit
 
     def append(self, frame):
         seq = self.next_seq
@@ -110,34 +89,6 @@ class FileLog:
             pos += size + 4
             prev = end
         return out
-
-    def trim(self, keep_from):
-        if not self.over_limit():
-            return None
-        while self._first_seq < keep_from and self.over_limit():
-            self._forget(1)
-        if not self.over_limit():
-            return None
-        first = self._first_seq
-        while self.over_limit():
-            self._forget(1)
-        return first, self._first_seq - 1
-
-    def forget_before(self, seq):
-        count = max(0, min(seq, self.next_seq) - self._first_seq)
-        self._forget(count)
-        return count
-
-    def forget_delivered(self, delivered_upto, keep_bytes):
-        end = self._head + max(0, min(delivered_upto, self.next_seq) - self._first_seq)
-        if end <= self._head:
-            return 0
-        count = bisect_right(self._ends, self._ends[end - 1] - keep_bytes, self._head, end) - self._head
-        self._forget(count)
-        return count
-
-    def clear(self):
-        self._forget(len(self))
 
     def skip_to(self, seq):
         """Forget everything and number the next frame `seq` (if later): after a recovery that lost

@@ -15,24 +15,14 @@ BATCH_FRAMES = 512
 BATCH_BYTES = 1 << 20
 
 
-class OutboundLog:
-    """Frames with sequence numbers; past `limit` frames or `byte_limit` bytes the oldest go.
-
-    The newest frame is always kept, even if it alone exceeds `byte_limit`
-    (memory stays bounded by `byte_limit` plus one frame).
-    """
-
-    def __init__(self, limit, byte_limit=None):
-        self.limit = max(1, int(limit))
-        self.byte_limit = None if byte_limit is None else max(1, int(byte_limit))
-        self._frames = []
-        self._ends = []  # cumulative byte offset after each frame (since the log began)
-        self._head = 0  # index in _frames of first_seq
-        self._first_seq = 1
-        self._base = 0  # cumulative offset before the frame at _head
+class FrameIndex:
+    """The bookkeeping both logs share: seqs and cumulative byte offsets of the kept frames, the
+    bounds, and what to forget. A subclass sets `_ends` (cumulative byte offset after each frame),
+    `_head` (index in `_ends` of first_seq), `_first_seq`, `_base` (offset before the frame at
+    `_head`), `limit` and `byte_limit`, and implements `_forget(count)`."""
 
     def __len__(self):
-        return len(self._frames) - self._head
+        return len(self._ends) - self._head
 
     @property
     def first_seq(self):
@@ -56,37 +46,6 @@ class OutboundLog:
         if n > self.limit:
             return True
         return self.byte_limit is not None and n > 1 and self.nbytes > self.byte_limit
-
-    def append(self, frame):
-        """Add `frame` (bytes) at the end; returns its seq. Does not enforce the limits (see trim)."""
-        self._frames.append(frame)
-        self._ends.append((self._ends[-1] if self._ends else self._base) + len(frame))
-        return self.next_seq - 1
-
-    def read(self, seq, max_frames=BATCH_FRAMES, max_bytes=BATCH_BYTES):
-        """Frames from `seq` on (at most `max_frames`, stopping once `max_bytes` is reached),
-        as a list of (seq, frame). Frames already forgotten are skipped."""
-        start = self._head + max(seq, self._first_seq) - self._first_seq
-        out, size = [], 0
-        frames = self._frames
-        for i in range(start, min(len(frames), start + max_frames)):
-            frame = frames[i]
-            out.append((self._first_seq + i - self._head, frame))
-            size += len(frame)
-            if size >= max_bytes:
-                break
-        return out
-
-    def _forget(self, count):
-        if count <= 0:
-            return
-        self._head += count
-        self._first_seq += count
-        self._base = self._ends[self._head - 1]
-        if self._head > len(self._frames) // 2:
-            del self._frames[:self._head]
-            del self._ends[:self._head]
-            self._head = 0
 
     def forget_before(self, seq):
         """Forget every frame before `seq`; returns how many went."""
@@ -125,4 +84,55 @@ class OutboundLog:
     def clear(self):
         """Forget everything (the session is going away); seqs keep counting."""
         self._forget(len(self))
+
+
+class OutboundLog(FrameIndex):
+    """Frames with sequence numbers; past `limit` frames or `byte_limit` bytes the oldest go.
+
+    The newest frame is always kept, even if it alone exceeds `byte_limit`
+    (memory stays bounded by `byte_limit` plus one frame).
+    """
+
+    def __init__(self, limit, byte_limit=None):
+        self.limit = max(1, int(limit))
+        self.byte_limit = None if byte_limit is None else max(1, int(byte_limit))
+        self._frames = []
+        self._ends = []  # cumulative byte offset after each frame (since the log began)
+        self._head = 0  # index in _frames of first_seq
+        self._first_seq = 1
+        self._base = 0  # cumulative offset before the frame at _head
+
+    def append(self, frame):
+        """Add `frame` (bytes) at the end; returns its seq. Does not enforce the limits (see trim)."""
+        self._frames.append(frame)
+        self._ends.append((self._ends[-1] if self._ends else self._base) + len(frame))
+        return self.next_seq - 1
+
+    def read(self, seq, max_frames=BATCH_FRAMES, max_bytes=BATCH_BYTES):
+        """Frames from `seq` on (at most `max_frames`, stopping once `max_bytes` is reached),
+        as a list of (seq, frame). Frames already forgotten are skipped."""
+        start = self._head + max(seq, self._first_seq) - self._first_seq
+        out, size = [], 0
+        frames = self._frames
+        for i in range(start, min(len(frames), start + max_frames)):
+            frame = frames[i]
+            out.append((self._first_seq + i - self._head, frame))
+            size += len(frame)
+            if size >= max_bytes:
+                break
+        return out
+
+    def _forget(self, count):
+        if count <= 0:
+            return
+        self._head += count
+        self._first_seq += count
+        self._base = self._ends[self._head - 1]
+        if self._head > len(self._frames) // 2:
+            del self._frames[:self._head]
+            del self._ends[:self._head]
+            self._head = 0
+
+    def clear(self):
+        super().clear()
         self._frames, self._ends, self._head = [], [], 0
