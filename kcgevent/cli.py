@@ -112,8 +112,8 @@ def main(argv=None):
     if argv and argv[0] == "mcp-stdio":
         from .mcp.stdio import main as mcp_stdio
         return mcp_stdio(argv[1:])
-    from .newcomer import kernelspecs, run, sessions
     if argv and argv[0] in ("run", "sessions", "kernelspecs"):
+        from .newcomer import kernelspecs, run, sessions
         parser = argh.ArghParser(prog="kcgevent")
         parser.add_commands([run, sessions, kernelspecs])
         parser.dispatch(argv)

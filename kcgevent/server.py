@@ -19,7 +19,6 @@ from .api.channels import SocketEndpoints
 from .app import create_app
 from .config import VERSION, ServerConfig
 from .kernel_files import KernelFiles
-from .session.launcher import LauncherFactory
 from .state import StateDirError, StateStore
 from .supervisor import Supervisor
 from .transports import TransportError, open_listener, session_channels
@@ -131,6 +130,7 @@ class Server:
         endpoints = self._channel_endpoints()
         if state is None:
             return Supervisor(self.config, channel_endpoints=endpoints)
+        from .session.launcher import LauncherFactory
         launchers = LauncherFactory(state.launcher_dir, lock=state.lock_path, grace=self.config.restart_grace,
                                     durable=True)
         supervisor = Supervisor(self.config, kernel_files=KernelFiles(state.kernels_dir), launchers=launchers,

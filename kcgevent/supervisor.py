@@ -4,6 +4,10 @@ It is the one object the HTTP blueprint talks to (kept in `app.extensions`),
 and it owns what outlives any single session: the ZeroMQ context, the private
 directory for kernel connection files, the resource sampler, idle shutdown
 and graceful shutdown.
+
+The session machinery (KernelSession, launchers, ZeroMQ, psutil) is imported
+when the first session needs it, not at start: a server nobody has asked for
+a kernel yet stays small.
 """
 import json
 import logging
@@ -13,17 +17,12 @@ import time
 import uuid
 
 import gevent
-import psutil
-import zmq.green as zmq
 
 from .config import VERSION, ServerConfig
 from .errors import ApiError, KsError, not_found
 from .kernel_files import KernelFiles
 from .mcp.workspaces import Workspaces
-from .session import win_interrupt
-from .session.launcher import LauncherFactory
-from .session.resources import ResourceSampler
-from .session.session import KernelSession, rfc3339
+from .session.wire import rfc3339
 
 log = logging.getLogger(__name__)
 SAVE_DELAY = 0.1  # seconds a busy/idle change may wait before the session's record is saved
@@ -45,25 +44,41 @@ class Supervisor:
                  server_id=None):
         self.config = config or ServerConfig()
         self.kernel_files = kernel_files or KernelFiles()
-        self.launchers = launchers or LauncherFactory(self.kernel_files.launcher_dir)
+        self._launchers = launchers
         self.state = state
         self.channel_endpoints = channel_endpoints
         self.server_id = server_id or str(uuid.uuid4())
         self.started = time.time()
         self._started_mono = time.monotonic()
         self.sessions = {}  # insertion order = creation order
-        self.zmq_context = zmq.Context()
+        self._zmq_context = None
         self.on_shutdown = []  # callables run once the kernels are gone
         self.client_pid = None
         self.last_nudge = time.monotonic()
         self.shutting_down = False
         self._sampler = None
+        self._resources = None  # the ResourceSampler, made for the first sample
         self._idle_watch = None
         self._checkpoint = None
         self._dirty = set()  # sessions whose record must be saved
         self._save_scheduled = False
         self._save_timer = None
         self.mcp = Workspaces(self)  # MCP workspaces and the agents' listener
+
+    @property
+    def launchers(self):
+        if self._launchers is None:
+            from .session.launcher import LauncherFactory
+            self._launchers = LauncherFactory(self.kernel_files.launcher_dir)
+        return self._launchers
+
+    @property
+    def zmq_context(self):
+        """The ZeroMQ context every kernel connection shares, made for the first one."""
+        if self._zmq_context is None:
+            import zmq.green
+            self._zmq_context = zmq.green.Context()
+        return self._zmq_context
 
     # -- registry -------------------------------------------------------------
 
@@ -85,6 +100,7 @@ class Supervisor:
         if self.state is not None:
             self.state.add_session(session_id)
             log_store = self.state.open_log(session_id, self.config.buffer_limit, self.config.buffer_bytes)
+        from .session.session import KernelSession
         session = KernelSession(spec, self, log=log_store)
         self.sessions[session_id] = session
         self.session_changed(session)
@@ -168,6 +184,7 @@ class Supervisor:
     def restore(self):
         """Bring back every session saved in the state dir; returns {session_id: problem} for those
         that could not be restored whole (they are listed anyway, mostly `exited`)."""
+        from .session.session import KernelSession
         problems = {}
         for saved in self.state.load_sessions():
             spec = (saved.record or {}).get("spec") or {"session_id": saved.session_id}
@@ -196,6 +213,7 @@ class Supervisor:
 
     def _end_unknown_kernel(self, saved):
         """A session whose record is lost may still have a kernel: end it (its guardian says where)."""
+        import psutil
         try:
             with open(os.path.join(self.state.launcher_dir(saved.session_id), "status.json")) as f:
                 pid = json.load(f).get("guardian_pid")
@@ -267,11 +285,13 @@ class Supervisor:
 
     def interrupt_process(self, session):
         if os.name == "nt":
+            from .session import win_interrupt
             win_interrupt.interrupt(session.session_id)
         else:
             session.launcher.interrupt()
 
     def windows_kernel_env(self, session):
+        from .session import win_interrupt
         return win_interrupt.kernel_env(session.session_id)
 
     # -- configuration ---------------------------------------------------------------
@@ -314,7 +334,6 @@ class Supervisor:
             self._checkpoint = gevent.spawn(self._run_checkpoint)
 
     def _run_sampler(self):
-        sampler = ResourceSampler()
         while True:
             interval = self.config.resource_sample_interval_ms
             if interval <= 0:
@@ -326,17 +345,20 @@ class Supervisor:
             if self.config.resource_sample_interval_ms != interval:
                 continue
             try:  # one bad sample must not end sampling for good
-                self._sample_once(sampler, interval)
+                self._sample_once(interval)
             except Exception:
                 log.exception("resource sampling failed; trying again next interval")
 
-    def _sample_once(self, sampler, interval):
+    def _sample_once(self, interval):
         targets = {s.session_id: s.launcher.pid for s in self.sessions.values()
                    if s.channel.connected and s.launcher is not None and s.launcher.pid is not None}
         if not targets:
             return
-        sampler.sampling_period_ms = interval
-        for session_id, sample in sampler.sample(targets).items():
+        if self._resources is None:
+            from .session.resources import ResourceSampler
+            self._resources = ResourceSampler()
+        self._resources.sampling_period_ms = interval
+        for session_id, sample in self._resources.sample(targets).items():
             session = self.sessions.get(session_id)
             if session is not None:
                 session.record_resource_usage(sample)
@@ -364,8 +386,10 @@ class Supervisor:
         limit = self.idle_limit()
         if limit is None or time.monotonic() - self.last_nudge < limit:
             return False
-        if self.client_pid and psutil.pid_exists(self.client_pid):
-            return False
+        if self.client_pid:
+            import psutil
+            if psutil.pid_exists(self.client_pid):
+                return False
         self.client_pid = None
         if any(s.status == "busy" or s.channel.connected for s in self.sessions.values()):
             return False
@@ -398,7 +422,7 @@ class Supervisor:
         for greenlet in (self._sampler, self._idle_watch, self._checkpoint):
             if greenlet is not None:
                 greenlet.kill(block=False)
-        close = getattr(self.launchers, "close", None)
+        close = getattr(self._launchers, "close", None)
         if close is not None:
             close()
         self.kernel_files.remove_all()

@@ -12,7 +12,6 @@ from flask import Response
 
 from ..errors import ApiError
 from .auth import authorized
-from ..websocket import ConnectionClosed, HandshakeError, WebSocket, is_upgrade_request
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,7 @@ def resume_position(environ):
 
 def serve_channel(supervisor, session, environ):
     """Upgrade to a WebSocket and relay between the client and `session`."""
+    from ..websocket import ConnectionClosed, HandshakeError, WebSocket, is_upgrade_request  # (first use)
     if not is_upgrade_request(environ):
         raise ApiError(400, "400", "This endpoint needs a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)")
     after = resume_position(environ)

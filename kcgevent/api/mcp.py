@@ -2,8 +2,6 @@
 from flask import jsonify, request
 
 from ..errors import ApiError
-from ..mcp.channel import serve_workspace_channel
-from ..websocket import HandshakeError, is_upgrade_request
 from .channels import AlreadyHandled
 from .contract import operation
 from .views import ERROR, bp, load_body, supervisor
@@ -32,6 +30,8 @@ def deregister_workspace(workspace_id):
 @operation("mcp-workspace-channel", "Open the workspace's channel to a Positron window (WebSocket upgrade)",
            responses={200: "string", 400: ERROR, 401: None, 404: ERROR})
 def workspace_channel(workspace_id):
+    from ..mcp.channel import serve_workspace_channel
+    from ..websocket import HandshakeError, is_upgrade_request
     registry = supervisor().mcp
     workspace = registry.get(workspace_id)
     if workspace is None:

@@ -8,7 +8,6 @@ and the Supervisor / KernelSession verbs.
 import uuid
 
 from flask import Blueprint, current_app, g, jsonify, request
-from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from .. import kernelspecs
@@ -18,7 +17,6 @@ from .channels import serve_channel
 from .contract import operation
 from .openapi import shipped_openapi
 from . import validation
-from .schemas import SCHEMAS
 from .validation import header_safe
 
 bp = Blueprint("kallichore", __name__)
@@ -88,7 +86,10 @@ def startup_error(exc):
 def load_body(name, required=True, prepare=None):
     """Validate the JSON body against schema `name`; a clear 400 when it doesn't fit.
 
-    `prepare(data)` may complete the raw body first (a NewSession naming a kernelspec)."""
+    `prepare(data)` may complete the raw body first (a NewSession naming a kernelspec).
+    marshmallow and the schemas are imported by the first request with a body, not at start."""
+    from marshmallow import ValidationError
+    from .schemas import SCHEMAS
     schema = SCHEMAS[name]()
     raw = request.get_data(cache=True)  # bounded: a body over max_body_bytes is a 413 before it is read
     if not raw.strip():

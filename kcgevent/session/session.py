@@ -11,7 +11,6 @@ import os
 import secrets
 import socket
 import time
-from datetime import datetime, timezone
 
 import gevent
 
@@ -46,10 +45,6 @@ def free_ports(n):
     finally:
         for s in socks:
             s.close()
-
-
-def rfc3339(ts):
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class KernelSession:
@@ -708,7 +703,7 @@ class KernelSession:
             "interrupt_mode": self.spec.get("interrupt_mode", "message"),
             "initial_env": self.initial_env,
             "connected": self.channel.connected,
-            "started": rfc3339(self.created),
+            "started": wire.rfc3339(self.created),
             "session_mode": self.spec.get("session_mode", "console"),
             "working_directory": self.working_directory,
         })

@@ -41,6 +41,11 @@ def utc_now_iso():
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def rfc3339(ts):
+    """A POSIX timestamp as Kallichore writes times: UTC, microseconds, `Z`."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def dumps(obj):
     try:
         return _encode(obj).encode()

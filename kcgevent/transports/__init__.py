@@ -13,7 +13,6 @@ Every listener returned by open_listener() has:
 """
 import os
 
-from .named_pipe import NamedPipeListener, SessionPipes, pipe_name_for_server
 from .select import TransportError, choose_transport
 from .tcp import TcpListener, set_nodelay
 from .unix import SessionSockets, UnixListener
@@ -29,6 +28,7 @@ def open_listener(transport, *, port=0, unix_socket=None, socket_dir=None, pid=N
     if transport == "socket":
         return UnixListener(unix_socket, socket_dir, pid)
     if transport == "named-pipe":
+        from .named_pipe import NamedPipeListener, pipe_name_for_server  # (Windows only)
         return NamedPipeListener(pipe_name_for_server(pid))
     raise TransportError(f"Invalid transport type '{transport}'")
 
@@ -42,5 +42,6 @@ def session_channels(transport, *, socket_dir=None, pid=None, **server_kwargs):
     if transport == "socket":
         return SessionSockets(socket_dir, pid, **server_kwargs)
     if transport == "named-pipe":
+        from .named_pipe import SessionPipes
         return SessionPipes(**server_kwargs)
     return None

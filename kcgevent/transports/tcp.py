@@ -22,7 +22,15 @@ def set_nodelay(sock):
 
 
 class NoDelayWSGIServer(WSGIServer):
-    """WSGIServer that sets TCP_NODELAY on every accepted connection (HTTP replies and WebSockets)."""
+    """WSGIServer that sets TCP_NODELAY on every accepted connection (HTTP replies and WebSockets).
+
+    SERVER_NAME is `localhost` (what a reverse lookup of 127.0.0.1 gives) without pywsgi asking the
+    resolver at start: that lookup would start gevent's resolver thread pool just for this name.
+    """
+
+    def update_environ(self):
+        self.environ.setdefault("SERVER_NAME", "localhost")
+        super().update_environ()
 
     def handle(self, sock, address):
         set_nodelay(sock)
