@@ -29,6 +29,7 @@ import gevent
 import psutil
 from gevent import subprocess
 from gevent.event import Event
+from gevent.socket import wait_read
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +348,15 @@ class KernelProcess:
 
         A kernel writing millions of short lines must neither starve other greenlets nor be held
         up by a per-line cost: each read (up to READ_BYTES) is split at C speed and its complete
-        lines go out together; a line longer than MAX_LINE_BYTES is cut.
+        lines go out together; a line longer than MAX_LINE_BYTES is cut. Each read waits for the
+        pipe to be readable first: read1 allocates its READ_BYTES result before it blocks, which
+        would hold that much memory per pipe for as long as the kernel is quiet.
         """
         carry = b""
         try:
             while True:
+                if not IS_WINDOWS:  # (read1 never leaves bytes buffered: it reads into its result)
+                    wait_read(pipe.fileno())
                 data = pipe.read1(READ_BYTES)
                 if not data:
                     break
