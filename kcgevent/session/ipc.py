@@ -17,7 +17,7 @@ import gevent
 MAX_SOCKET_PATH = 100
 PORTS = (1, 2, 3, 4, 5)
 SEPARATORS = ("-", ":")  # jupyter_client's, then `ip:port` as tcp would have it
-POLL_INTERVAL = 0.02
+POLL_INTERVAL = 0.005  # seconds: the wait is on the path of every start; a check is two stat() calls
 
 
 class SocketWaitFailed(Exception):

@@ -40,6 +40,9 @@ PUMP_BATCH = 100
 # zmq.Again: raising Again costs more than a poll (pyzmq builds the exception in Python, with an
 # import), and a round trip's wake-ups bring one or two messages. Floods go on to Again.
 POLL_FIRST = 4
+# kernel_info at start: a request a second until the kernel answers, then (its iopub status lost to
+# ZeroMQ's slow joiner: a fast kernel answers before our subscription reaches it) soon again
+IOPUB_RETRY = 0.05  # seconds
 PUMP_IDLE_WAKE = 1.0  # seconds: a safety net only; the pump is woken by its sockets
 SEND_RETRY_WAKE = 0.05  # seconds: the same while a send waits for room (rare: HWM reached)
 # pyzmq's own (Cython) recv/send/get, called directly on the hot path
@@ -320,6 +323,8 @@ class KernelConnection:
                     if msg.parent_msg_id in ours:
                         if name == "shell" and msg.msg_type == "kernel_info_reply" and reply is None:
                             reply = msg.content
+                            if not iopub_live:  # its status went before our SUB was live: ask again soon
+                                next_request = min(next_request, time.monotonic() + IOPUB_RETRY)
                         elif name == "iopub":
                             iopub_live = True
                         continue
