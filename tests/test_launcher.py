@@ -168,6 +168,17 @@ def test_delivered_output_gives_its_disk_space_back(tmp_path):
     assert os.stat(path).st_blocks * 512 < 1 << 20, "delivered output still takes its disk space"
 
 
+def test_guardian_status_file_is_json_whatever_the_error_text():
+    """The guardian writes status.json without the json module (its import is most of its start)."""
+    import json
+    from kcgevent.session.guardian import to_json
+    for status in ({"guardian_pid": 12, "kernel_pid": 13, "exit_code": None},
+                   {"guardian_pid": 12, "kernel_pid": 13, "exit_code": -1},
+                   {"guardian_pid": 12, "spawn_error": [2, 'a "quoted" \\ path\n\t\x00\x7f é € 😀 \ud800 end']}):
+        text = to_json(status)
+        assert text.isascii() and json.loads(text) == status
+
+
 @pytest.mark.parametrize("code, expected", [("import sys; sys.exit(7)", 7), ("import time; time.sleep(600)", -15)])
 def test_guardian_without_sigtimedwait(tmp_path, code, expected):
     """macOS has no sigtimedwait: the guardian falls back to handlers and sleeps, and still mirrors the
@@ -175,7 +186,7 @@ def test_guardian_without_sigtimedwait(tmp_path, code, expected):
     import json
     import subprocess
     from kcgevent.session.launcher import GUARDIAN
-    (tmp_path / "argv.json").write_text(json.dumps([PYTHON, "-c", code]))
+    (tmp_path / "argv").write_bytes(b"\0".join(os.fsencode(arg) for arg in [PYTHON, "-c", code]))
     runner = ("import runpy, signal, sys; del signal.sigtimedwait; sys.argv = [sys.argv[0]] + sys.argv[1:]; "
               f"runpy.run_path({GUARDIAN!r}, run_name='__main__')")
     guardian = subprocess.Popen([PYTHON, "-I", "-S", "-c", runner, "--dir", str(tmp_path)])

@@ -162,6 +162,19 @@ def test_spawn_failure(server, tmp_path):
     assert server.client.request("DELETE", f"/sessions/{session_id}") == (200, None)
 
 
+def test_argument_with_a_nul_byte(server):
+    """No process can be given such an argument: a clear start error (KS-5), nothing spawned."""
+    session_id = new_id("nul")
+    body = fake_kernel_session(session_id)
+    server.client.call("PUT", "/sessions", {**body, "argv": body["argv"] + ["a\u0000b"]})
+    status, body, _, pids = start_watching(server, session_id)
+    assert_startup_error(status, body, "KS-5")
+    assert "embedded null byte" in body["error"]["message"]
+    assert not pids
+    assert session(server, session_id)["status"] == "exited"
+    assert server.client.request("DELETE", f"/sessions/{session_id}") == (200, None)
+
+
 def test_second_start_of_a_running_session(server):
     session_id = create(server)
     status, info = server.client.request("POST", f"/sessions/{session_id}/start")

@@ -1,9 +1,11 @@
 """The kernel guardian: a tiny parent process per kernel that makes sure nothing outlives its supervisor
 for longer than it should.
 
-Run as ``python -I -S guardian.py --dir DIR [options]``, the kernel's command line in ``DIR/argv.json``
-(not on ours, so that nothing mistakes the guardian for the kernel) (standard library only, no kcgevent
-import: it starts in a few milliseconds and no kernel environment can break it). It
+Run as ``python -I -S guardian.py --dir DIR [options]``, the kernel's command line in ``DIR/argv`` (its
+arguments, NUL-separated; not on ours, so that nothing mistakes the guardian for the kernel) (standard
+library only, no kcgevent import: it starts in a few milliseconds and no kernel environment can break
+it; not even `json`, whose import takes longer than the rest and 1.3 MiB: every kernel start waits for
+it, and every kernel has a guardian). It
 
 - starts the kernel as its child, in its own process group (the group the server signals for an
   interrupt), with SIGINT/SIGTERM/SIGPIPE back at their defaults;
@@ -26,7 +28,6 @@ import: it starts in a few milliseconds and no kernel environment can break it).
   the kernel left behind.
 """
 import errno
-import json
 import os
 import signal
 import struct
@@ -57,11 +58,37 @@ def prctl(option, value):
         _LIBC.prctl(option, value, 0, 0, 0)
 
 
+def to_json(value):
+    """`value` (a dict, list, str, int or None) as JSON, ASCII only (what json.dumps would write, but
+    control characters as \\u escapes)."""
+    if value is None:
+        return "null"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        out = []
+        for char in value:
+            code = ord(char)
+            if char in '"\\':
+                out.append("\\" + char)
+            elif 0x20 <= code < 0x7f:
+                out.append(char)
+            elif code < 0x10000:
+                out.append("\\u%04x" % code)
+            else:  # a surrogate pair
+                code -= 0x10000
+                out.append("\\u%04x\\u%04x" % (0xD800 | code >> 10, 0xDC00 | code & 0x3FF))
+        return '"' + "".join(out) + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(to_json(item) for item in value) + "]"
+    return "{" + ", ".join(f"{to_json(key)}: {to_json(item)}" for key, item in value.items()) + "}"
+
+
 def write_status(directory, status):
     tmp = os.path.join(directory, "status.json.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(status, f)
+        f.write(to_json(status))
     os.replace(tmp, os.path.join(directory, "status.json"))
 
 
@@ -91,6 +118,7 @@ class Capture:
     """
 
     def __init__(self, directory):
+        import json  # (only with a state dir: not on every kernel's start)
         with open(os.path.join(directory, "iopub.json")) as f:
             config = json.load(f)
         for path in config.get("pythonpath") or []:
@@ -238,8 +266,8 @@ def parse(args):
         options[name.lstrip("-")] = value
         args = args[2:]
     options["grace"] = float(options["grace"])
-    with open(os.path.join(options["dir"], "argv.json")) as f:
-        return options, json.load(f)
+    with open(os.path.join(options["dir"], "argv"), "rb") as f:
+        return options, [os.fsdecode(arg) for arg in f.read().split(b"\0")]
 
 
 def mirror_exit(status):

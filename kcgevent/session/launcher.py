@@ -267,9 +267,12 @@ class LocalLauncher(KernelLauncher):
         if USE_GUARDIAN:
             os.makedirs(self.workdir, mode=0o700, exist_ok=True)
             self._remove_files()
-            with open(os.open(os.path.join(self.workdir, "argv.json"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                              0o600), "w") as f:
-                json.dump(plan.command, f)
+            if any("\0" in arg for arg in plan.command):  # (what spawning it ourselves would say)
+                raise LaunchError("Failed to start process for session: embedded null byte",
+                                  reason="failed to spawn process: embedded null byte")
+            with open(os.open(os.path.join(self.workdir, "argv"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                              0o600), "wb") as f:
+                f.write(b"\0".join(os.fsencode(arg) for arg in plan.command))  # (the guardian reads it)
             plan = dataclasses.replace(plan, command=self._guardian_command())
         self._starting = True
         try:
@@ -466,8 +469,8 @@ class LocalLauncher(KernelLauncher):
         self._remove_files()
 
     def _remove_files(self):
-        for name in ("status.json", "argv.json", "stdout", "stderr", "iopub.json", "capture", "capture.done",
-                     "capture.stop"):
+        for name in ("status.json", "argv", "argv.json", "stdout", "stderr", "iopub.json", "capture",
+                     "capture.done", "capture.stop"):  # (argv.json: what older versions wrote)
             try:
                 os.unlink(os.path.join(self.workdir, name))
             except OSError:
