@@ -624,6 +624,20 @@ def test_status_fields(shared):
     assert body["sessions"] == shared.client.call("GET", "/sessions")["total"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc/<pid>/maps")
+def test_an_idle_server_has_not_loaded_the_kernel_machinery(server):
+    """ZeroMQ (and the rest of what kernels need) is loaded by the first session, not at start: a
+    server that has only answered /status stays small (tools/bench_memory.py measures how small)."""
+    def zmq_loaded():
+        with open(f"/proc/{server.pid}/maps") as f:
+            return "libzmq" in f.read()
+
+    assert server.client.call("GET", "/status")["sessions"] == 0
+    assert not zmq_loaded()
+    start_session(server.client, fake_kernel_session(new_id("lazy")))
+    assert zmq_loaded()
+
+
 def test_span_id_is_echoed(shared):
     span = "span-" + uuid.uuid4().hex
     for method, path, body in (("GET", "/status", None), ("GET", "/sessions", None),
