@@ -187,7 +187,7 @@ def test_guardian_without_sigtimedwait(tmp_path, code, expected):
     import subprocess
     from kcgevent.session.launcher import GUARDIAN
     (tmp_path / "argv").write_bytes(b"\0".join(os.fsencode(arg) for arg in [PYTHON, "-c", code]))
-    runner = ("import runpy, signal, sys; del signal.sigtimedwait; sys.argv = [sys.argv[0]] + sys.argv[1:]; "
+    runner = ("import runpy, _signal, sys; del _signal.sigtimedwait; sys.argv = [sys.argv[0]] + sys.argv[1:]; "
               f"runpy.run_path({GUARDIAN!r}, run_name='__main__')")
     guardian = subprocess.Popen([PYTHON, "-I", "-S", "-c", runner, "--dir", str(tmp_path)])
     try:

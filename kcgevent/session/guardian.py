@@ -29,10 +29,13 @@ it, and every kernel has a guardian). It
 """
 import errno
 import os
-import signal
 import struct
 import sys
 import time
+
+# The functions of `signal` are those of _signal: the module only wraps them with enums, and importing
+# it (enum, functools, collections) took a fifth of the guardian's start, which every kernel start waits for.
+import _signal as signal
 
 try:
     import ctypes
