@@ -261,7 +261,10 @@ class KernelSession:
                 ipc.restrict(info["ip"], sep)
                 if sep != "-":
                     self.connection_info_ = info = dict(info, ipc_separator=sep)
-            return self._connect(info, timeout, exited)
+            reply = self._connect(info, timeout, exited)
+            if info is not None and info.get("transport") == "ipc":  # the sockets bound after iopub's too
+                ipc.restrict(info["ip"], info.get("ipc_separator", "-"))
+            return reply
         except (HandshakeFailed, KernelConnectError, ipc.SocketWaitFailed) as exc:
             raise self._startup_failure(launcher, phase, exc) from None
 
