@@ -104,7 +104,8 @@ class KernelConnection:
         self._socket_index = {}  # socket -> its index in CHANNELS
         # Per socket (CHANNELS order): may it hold messages nobody has looked for yet?
         self._unchecked = [True] * len(CHANNELS)
-        self._watchers = []  # one read watcher per socket FD, started only while waiting
+        self._watchers = []  # one read watcher per socket FD, started once (see _on_fd_signal)
+        self._timer = None  # the safety-net wake-up of a wait, made once
         self._waiter = None  # the Waiter of whoever waits for readable sockets (pump or kernel_info)
 
     def url(self, port):
@@ -134,7 +135,12 @@ class KernelConnection:
             self._poll_items.append((sock, POLLIN))
             self._poll_one.append([(sock, POLLIN)])
             self._socket_index[sock] = index
-            self._watchers.append(loop.io(_plain_get(sock, zmq.FD), 1))
+            watcher = loop.io(_plain_get(sock, zmq.FD), 1)
+            watcher.start(self._on_fd_signal)
+            self._watchers.append(watcher)
+        # (repeating, restarted with again(): a one-shot gevent timer restarted after it fired once
+        # fires at once, every time)
+        self._timer = loop.timer(PUMP_IDLE_WAKE, PUMP_IDLE_WAKE)
 
     # -- sending -----------------------------------------------------------
 
@@ -190,21 +196,33 @@ class KernelConnection:
 
     # -- receiving ---------------------------------------------------------
 
+    def _on_fd_signal(self):
+        """A socket FD signalled: wake whoever waits (nobody while the pump drains: it will look)."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.switch(None)
+
     def _wait_readable(self, timeout):
-        """Sleep until a socket's FD signals or `timeout`, then mark the sockets holding messages."""
+        """Sleep until a socket's FD signals or `timeout`, then mark the sockets holding messages.
+
+        The FD watchers stay started for the connection's life: starting and stopping four
+        watchers and a timer around every wait cost more than the message it waited for. A
+        signal while nobody waits is harmless: the drain that follows every wait looks anyway."""
         waiter = self._waiter = Waiter(self._hub)
-        timer = self._hub.loop.timer(timeout)  # a safety net: the FDs should wake us
-        watchers = self._watchers
+        if timeout == PUMP_IDLE_WAKE:
+            timer = self._timer
+            timer.again(self._on_fd_signal)
+        else:
+            timer = self._hub.loop.timer(timeout)
+            timer.start(self._on_fd_signal)
         try:
-            for watcher in watchers:
-                watcher.start(waiter.switch, None)
-            timer.start(waiter.switch, None)
             waiter.get()
         finally:
             self._waiter = None
-            for watcher in watchers:
-                watcher.stop()
-            timer.close()
+            timer.stop()
+            if timer is not self._timer:
+                timer.close()
         for sock, _ in zmq_poll(self._poll_items, 0):
             self._unchecked[self._socket_index[sock]] = True
 
@@ -399,6 +417,9 @@ class KernelConnection:
         for watcher in self._watchers:  # before the sockets (and their FDs) go
             watcher.close()
         self._watchers = []
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         for sock in self.sockets.values():
             sock.close(0)
         self.sockets = {}
