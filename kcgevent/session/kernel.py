@@ -273,10 +273,13 @@ class KernelConnection:
                     self._wait_readable(PUMP_IDLE_WAKE)
                     continue
                 # Drain, but at most PUMP_BATCH per socket so the others get a turn.
-                for index, frames in self._receive(PUMP_BATCH):
-                    self._dispatch(CHANNELS[index], frames, on_message)
-                    if self.closed:
-                        return
+                for index in range(len(CHANNELS)):
+                    if unchecked[index]:
+                        unchecked[index] = False  # before receiving: a send meanwhile may set it again
+                        if self._drain(index, PUMP_BATCH, on_message):
+                            unchecked[index] = True
+                        if self.closed:
+                            return
                 if any(unchecked):
                     # More to read: first let the WebSocket writer, HTTP and pings run (a
                     # flooding kernel must not starve them).
@@ -285,19 +288,41 @@ class KernelConnection:
             if not self.closed:
                 raise
 
-    def _dispatch(self, name, frames, on_message):
-        try:
-            msg, header_raw = wire.parse_kernel_frames(name, frames, self.signer)
-        except wire.WireError as exc:
-            log.warning("session %s: dropped a %s message from the kernel: %s", self.session_id, name, exc)
-            return
-        internal = self.internal  # (the cheap substring test first: this runs for every message)
-        if internal and b"kernel_info_request" in msg.parent_raw and any(i in msg.parent_raw for i in internal):
-            return  # a late answer to one of our start-up kernel_info requests
-        try:
-            on_message(msg, header_raw)
-        except Exception:  # a bug in one message's handling must not stop the relay
-            log.exception("session %s: failed to handle a %s message", self.session_id, name)
+    def _drain(self, index, batch, on_message):
+        """Receive, parse and hand on at most `batch` messages from socket `index`; True if it
+        may hold more. (The pump's inner loop, written out: a flood spends its time here.)"""
+        name = CHANNELS[index]
+        sock = self.sockets[name]
+        poll_one = self._poll_one[index]
+        signer = self.signer
+        parse = wire.parse_kernel_frames
+        for count in range(batch):
+            try:
+                if count < POLL_FIRST and not zmq_poll(poll_one, 0):
+                    return False
+                frame = _plain_recv(sock, NOBLOCK, False)  # (recv_ready_multipart, inlined)
+            except zmq.Again:
+                return False
+            frames = [frame.bytes]
+            while frame.more:
+                frame = _plain_recv(sock, NOBLOCK, False)
+                frames.append(frame.bytes)
+            try:
+                msg, header_raw = parse(name, frames, signer)
+            except wire.WireError as exc:
+                log.warning("session %s: dropped a %s message from the kernel: %s", self.session_id, name, exc)
+                continue
+            internal = self.internal  # (the cheap substring test first: this runs for every message)
+            if internal and b"kernel_info_request" in msg.parent_raw and \
+                    any(i in msg.parent_raw for i in internal):
+                continue  # a late answer to one of our start-up kernel_info requests
+            try:
+                on_message(msg, header_raw)
+            except Exception:  # a bug in one message's handling must not stop the relay
+                log.exception("session %s: failed to handle a %s message", self.session_id, name)
+            if self.closed:
+                return False
+        return True
 
     # -- kernel_info at start ---------------------------------------------------
 
