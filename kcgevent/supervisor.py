@@ -358,7 +358,7 @@ class Supervisor:
             from .session.resources import ResourceSampler
             self._resources = ResourceSampler()
         self._resources.sampling_period_ms = interval
-        for session_id, sample in self._resources.sample(targets).items():
+        for session_id, sample in self._resources.sample(targets, between=gevent.sleep).items():
             session = self.sessions.get(session_id)
             if session is not None:
                 session.record_resource_usage(sample)
