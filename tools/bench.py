@@ -37,6 +37,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 
 from benchkit import workloads
 from benchkit.direct import DirectKernel
@@ -46,6 +47,12 @@ from benchkit.report import report
 from benchkit.servers import Channel, Server, fake_session_body, find_kcserver, ipykernel_session_body, new_id
 
 WORKLOADS = ("rt", "flood", "start", "memory", "concurrency")
+T0 = time.monotonic()
+
+
+def say(message):
+    """Progress, with the seconds since the start."""
+    print(f"{time.monotonic() - T0:6.1f}s  {message}", flush=True)
 
 
 def guarded(results, key, fn):
@@ -66,7 +73,7 @@ def bench_relay(transport, opts, workdir, res, direct_fake, direct_py):
     servers = []
     try:
         for kind in server_kinds(opts):
-            print(f"[{transport}] starting {kind}", flush=True)
+            say(f"[{transport}] starting {kind}")
             servers.append(Server(kind, transport, workdir, kcserver=opts.kcserver))
         res["server_pids"] = {s.kind: s.pid for s in servers}
         fakes = {}
@@ -84,7 +91,7 @@ def bench_relay(transport, opts, workdir, res, direct_fake, direct_py):
             return out
 
         if "rt" in opts.only:
-            print(f"[{transport}] round trip, fake kernel: {opts.n} x {len(servers) + 1}", flush=True)
+            say(f"[{transport}] round trip, fake kernel: {opts.n} x {len(servers) + 1}")
             guarded(res, "rt_fake", lambda: workloads.interleaved_roundtrips(
                 sides(fakes, direct_fake), opts.n, opts.warmup, opts.block))
         if "flood" in opts.only:
@@ -93,8 +100,7 @@ def bench_relay(transport, opts, workdir, res, direct_fake, direct_py):
                 fake = fakes[server.kind]
                 per = floods.setdefault(server.kind, {})
                 pids = workloads.side_pids(server, fake.kernel_pid)
-                print(f"[{transport}] {server.kind}: flood {opts.flood} x {opts.flood_repeats} (ws+json, raw)",
-                      flush=True)
+                say(f"[{transport}] {server.kind}: flood {opts.flood} x {opts.flood_repeats} (ws+json, raw)")
                 fake.open()
                 fake.roundtrip("sync")
                 guarded(per, "ws_json", lambda: workloads.flood_runs("ws+json", fake.flood_json, opts.flood,
@@ -108,12 +114,12 @@ def bench_relay(transport, opts, workdir, res, direct_fake, direct_py):
                 pys = {}
                 try:
                     for server in servers:
-                        print(f"[{transport}] {server.kind}: starting an ipykernel session", flush=True)
+                        say(f"[{transport}] {server.kind}: starting an ipykernel session")
                         py = server.start_session(ipykernel_session_body(new_id("bench-py")))
                         py.open()
                         py.roundtrip("0")
                         pys[server.kind] = py
-                    print(f"[{transport}] round trip, ipykernel: {opts.n} x {len(servers) + 1}", flush=True)
+                    say(f"[{transport}] round trip, ipykernel: {opts.n} x {len(servers) + 1}")
                     return workloads.interleaved_roundtrips(sides(pys, direct_py), opts.n, opts.warmup,
                                                             opts.block)
                 finally:
@@ -137,8 +143,8 @@ def bench_transport(transport, opts, workdir, results, direct_fake, direct_py):
             try:
                 for kind in server_kinds(opts):
                     servers.append(Server(kind, transport, workdir, kcserver=opts.kcserver))
-                print(f"[{transport}] kernel start x {opts.start_repeats}", flush=True)
-                return workloads.kernel_starts(servers, workdir, opts.start_repeats)
+                say(f"[{transport}] kernel start x {opts.start_repeats}")
+                return workloads.kernel_starts(servers, workdir, opts.start_repeats, log=say)
             finally:
                 for server in servers:
                     server.stop()
@@ -146,18 +152,16 @@ def bench_transport(transport, opts, workdir, results, direct_fake, direct_py):
     if "memory" in opts.only:
         mem = res.setdefault("memory", {})
         for kind in server_kinds(opts):
-            print(f"[{transport}] {kind}: memory, idle and with {'/'.join(map(str, opts.memory_steps))} kernels",
-                  flush=True)
+            say(f"[{transport}] {kind}: memory, idle and with {'/'.join(map(str, opts.memory_steps))} kernels")
             guarded(mem, kind, lambda: workloads.memory_profile(kind, transport, workdir, opts.kcserver,
                                                                 opts.memory_steps))
     if "concurrency" in opts.only:
         conc = res.setdefault("concurrency", {})
         for kind in server_kinds(opts):
-            print(f"[{transport}] {kind}: {opts.sessions} concurrent sessions x {opts.conc_executes} executes",
-                  flush=True)
+            say(f"[{transport}] {kind}: {opts.sessions} concurrent sessions x {opts.conc_executes} executes")
             guarded(conc, kind, lambda: workloads.concurrency(
                 kind, transport, workdir, opts.kcserver, opts.sessions, opts.conc_processes, opts.conc_executes,
-                opts.conc_single, opts.conc_warmup))
+                opts.conc_single, opts.conc_warmup, opts.conc_think / 1000, log=say))
 
 
 # ---------------------------------------------------------------------------
@@ -188,6 +192,9 @@ def parse_args(argv=None):
     p.add_argument("--conc-single", type=int, help="executes of the single-session baseline (default 300, "
                                                    "--quick 100)")
     p.add_argument("--conc-processes", type=int, default=4, help="load generator processes (default 4)")
+    p.add_argument("--conc-think", type=float, default=0.0,
+                   help="ms each session waits between its executes (default 0: a closed loop, every session "
+                        "always has one execute in flight)")
     p.add_argument("--conc-warmup", type=int, default=3, help="untimed executes per session first (default 3)")
     p.add_argument("--full-deserialize", action="store_true",
                    help="direct client uses Session.deserialize (dates and all) instead of HMAC + json.loads")
@@ -231,7 +238,8 @@ def main(argv=None):
                           "workloads": opts.only, "start_repeats": opts.start_repeats,
                           "memory_steps": opts.memory_steps, "sessions": opts.sessions,
                           "conc_executes": opts.conc_executes, "conc_single": opts.conc_single,
-                          "conc_processes": opts.conc_processes, "kcserver": opts.kcserver,
+                          "conc_processes": opts.conc_processes, "conc_think_ms": opts.conc_think,
+                          "kcserver": opts.kcserver,
                           "full_deserialize": opts.full_deserialize, "python": sys.version.split()[0],
                           "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
     failed = interrupted = False
@@ -250,16 +258,16 @@ def main(argv=None):
                   flush=True)
         direct_fake = direct_py = None
         if {"rt", "flood"} & set(opts.only):
-            print("starting direct fake kernel", flush=True)
+            say("starting direct fake kernel")
             direct_fake = DirectKernel("fake", workdir, opts.full_deserialize)
             direct.append(direct_fake)
             direct_fake.roundtrip("sync")
         if "flood" in opts.only:
-            print(f"direct flood {opts.flood} x {opts.flood_repeats}", flush=True)
+            say(f"direct flood {opts.flood} x {opts.flood_repeats}")
             guarded(results, "direct_flood", lambda: workloads.flood_runs(
                 "direct", direct_fake.flood, opts.flood, opts.flood_repeats, {"kernel": direct_fake.pid}))
         if "rt" in opts.only and not opts.no_ipykernel:
-            print("starting direct ipykernel", flush=True)
+            say("starting direct ipykernel")
             try:
                 direct_py = DirectKernel("ipykernel", workdir, opts.full_deserialize)
                 direct.append(direct_py)

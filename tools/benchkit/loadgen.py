@@ -8,6 +8,7 @@ latencies. Run as a worker: `python -m benchkit.loadgen` (with tools/ on sys.pat
 """
 import json
 import os
+import random
 import select
 import subprocess
 import sys
@@ -48,8 +49,9 @@ def roundtrip(ws, reader, timeout):
     return now() - t0
 
 
-def drive(client, session_id, n, warmup, timeout, ready, go, out):
-    """One session: open its channel, warm up, wait for `go`, then n sequential round trips."""
+def drive(client, session_id, n, warmup, timeout, ready, go, out, think=0.0):
+    """One session: open its channel, warm up, wait for `go`, then n sequential round trips (`think` s apart,
+    the first after a random fraction of it so that sessions do not march in step)."""
     latencies, errors = [], []
     try:
         ws = client.open_channel(session_id, timeout=timeout)
@@ -63,7 +65,11 @@ def drive(client, session_id, n, warmup, timeout, ready, go, out):
         return
     ready.release()
     go.wait(timeout * 4)
-    for _ in range(n):
+    if think:
+        time.sleep(random.uniform(0, think))
+    for i in range(n):
+        if think and i:
+            time.sleep(think)
         try:
             latencies.append(roundtrip(ws, reader, timeout))
         except Exception as exc:
@@ -84,7 +90,8 @@ def worker_main():
     go = threading.Event()
     out = []
     threads = [threading.Thread(target=drive, daemon=True,
-                                args=(client, sid, config["n"], config["warmup"], config["timeout"], ready, go, out))
+                                args=(client, sid, config["n"], config["warmup"], config["timeout"], ready, go, out,
+                                      config["think"]))
                for sid in config["sessions"]]
     for t in threads:
         t.start()
@@ -123,7 +130,7 @@ def _read_line(proc, deadline, what):
             return line.decode()
 
 
-def run_load(server, session_ids, processes, n, warmup, timeout=60):
+def run_load(server, session_ids, processes, n, warmup, think=0.0, timeout=60):
     """Drive `session_ids` of `server` from `processes` workers; latencies, errors and who used the CPU."""
     processes = max(1, min(processes, len(session_ids)))
     shares = [session_ids[i::processes] for i in range(processes)]
@@ -135,7 +142,7 @@ def run_load(server, session_ids, processes, n, warmup, timeout=60):
                                                  stdout=subprocess.PIPE, cwd=ROOT, env=env))
             workers.append(proc)
             proc.stdin.write((json.dumps({"info": server.info, "sessions": share, "n": n, "warmup": warmup,
-                                          "timeout": timeout}) + "\n").encode())
+                                          "think": think, "timeout": timeout}) + "\n").encode())
             proc.stdin.flush()
         deadline = time.monotonic() + timeout * 2 + 2 * warmup * len(session_ids)
         for proc in workers:
@@ -167,10 +174,12 @@ def run_load(server, session_ids, processes, n, warmup, timeout=60):
     latencies = [x for r in results for x in r["latencies"]]
     errors = [e for r in results for e in r["errors"]]
     cpu_pct = {k: 100 * (used[k] - base[k]) / wall for k in used}  # generator: as each worker measured itself
-    return {"sessions": len(session_ids), "processes": processes, "n_each": n, "latencies": latencies,
+    return {"sessions": len(session_ids), "processes": processes, "n_each": n, "think_ms": 1000 * think,
+            "executes_per_s": len(latencies) / wall, "latencies": latencies,
             "errors": errors, "wall_s": wall, "cpu_pct": cpu_pct,
             "generator_cpu_pct_per_process": cpu_pct["generator"] / processes,
-            "generator_busiest_pct": max(100 * r["cpu_s"] / r["wall_s"] for r in results)}
+            "generator_busiest_pct": max(100 * r["cpu_s"] / r["wall_s"] for r in results),
+            "server_ms_per_execute": 1000 * (used["server"] - base["server"]) / len(latencies) if latencies else None}
 
 
 if __name__ == "__main__":

@@ -86,7 +86,13 @@ class Reaper:
                 popen.wait(5)
             except subprocess.TimeoutExpired:
                 pass
-        _, alive = psutil.wait_procs(self._alive(tree), timeout=3)
+        left = self._alive(tree)  # kernels the server did not end: they get the same signal, then SIGKILL
+        for proc in left:
+            try:
+                proc.send_signal(graceful)
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(left, timeout=3)
         for proc in alive:
             try:
                 proc.kill()

@@ -32,6 +32,10 @@ def _fmt(value, digits):
     return f"{value:,.{digits}f}"
 
 
+def _num(x):
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
 def header(results, opts):
     cfg = results["config"]
     load = cfg["loadavg_start"], os.getloadavg()
@@ -160,8 +164,12 @@ def concurrency_lines(results):
             if r is None:
                 continue
             if not lines:
-                lines = ["", "Concurrency (fake kernel, execute \"1\"), ms: p50 / p99, errors; CPU % of wall "
-                             "(server/helpers/kernels/generator)"]
+                think = r.get("many", {}).get("think_ms", 0)
+                lines = ["", "Concurrency (fake kernel, execute \"1\"), ms: p50 / p99, errors, executes/s; "
+                             "CPU % of wall (server/helpers/kernels/generator)",
+                         f"  (each session waits {think:g} ms between executes" + (
+                             "; a closed loop: with every session's execute always in flight, a latency is about "
+                             "sessions x CPU per execute / CPUs, whatever the server)" if not think else ")")]
             if "error" in r:
                 lines.append(f"  [{transport:6s}] {side:9s} ERROR {r['error']}")
                 continue
@@ -170,7 +178,8 @@ def concurrency_lines(results):
                 cpu = "/".join(f"{x['cpu_pct'][k]:.0f}" for k in ("server", "helpers", "kernels", "generator"))
                 lat = f"{x['median_ms']:.2f} / {x['p99_ms']:.2f}" if x.get("n") else "no samples"
                 lines.append(f"  [{transport:6s}] {side:9s} {x['sessions']:4d} session(s) x {x['n_each']} "
-                             f"({x['processes']} generator process(es)): {lat}, {x['errors']} errors; CPU {cpu} "
+                             f"({x['processes']} generator process(es)): {lat}, {x['errors']} errors, "
+                             f"{x['executes_per_s']:.0f}/s; CPU {cpu} "
                              f"(generator {x['generator_cpu_pct_per_process']:.0f}% per process, busiest "
                              f"{x['generator_busiest_pct']:.0f}%); "
                              f"wall {x['wall_s']:.1f} s")
@@ -184,7 +193,7 @@ def concurrency_lines(results):
 
 
 def table_rows(results, transport):
-    """[(metric, direct, kcserver, kcgevent, digits)] for one transport."""
+    """[(metric, direct, kcserver, kcgevent, digits[, False: no ratio])] for one transport."""
     res = results.get(transport) or {}
     rows = []
 
@@ -209,11 +218,11 @@ def table_rows(results, transport):
     if any(floods.values()):
         vals = [direct] + [floods["kcserver"], floods["kcgevent"]]
         rows.append(("flood 20k: msgs/s (raw client)", *[v.get("median_rate") for v in vals], 0))
-        rows.append(("flood: all in order, none lost", *[v.get("ok") for v in vals], 0))
+        rows.append(("flood: all in order, none lost", *[v.get("ok") for v in vals], 0, False))
         rows.append(("flood: server CPU per 1,000 msgs (ms)", None,
                      *[v.get("server_ms_per_1000") for v in vals[1:]], 2))
         rows.append(("flood: busiest process", *[busiest_process(v["runs"][0]) if v.get("runs") else None
-                                                for v in vals], 0))
+                                                for v in vals], 0, False))
         js = [_get(res, "flood", s, "ws_json", "median_rate") for s in ("kcserver", "kcgevent")]
         rows.append(("flood: msgs/s (websocket-client + json.loads)", None, *js, 0))
     start = res.get("start")
@@ -241,9 +250,12 @@ def table_rows(results, transport):
         rows.append((f"{n} sessions: p50 (ms)", *c("many", "median_ms"), 2))
         rows.append((f"{n} sessions: p99 (ms)", *c("many", "p99_ms"), 2))
         rows.append((f"{n} sessions: p99 / single p99", *c("p99_ratio"), 2))
-        rows.append((f"{n} sessions: errors", *c("many", "errors"), 0))
-        rows.append((f"{n} sessions: server CPU % of wall", *c("many", "cpu_pct", "server"), 0))
-        rows.append((f"{n} sessions: generator CPU % per process", *c("many", "generator_cpu_pct_per_process"), 0))
+        rows.append((f"{n} sessions: errors", *c("many", "errors"), 0, False))
+        rows.append((f"{n} sessions: server CPU % of wall", *c("many", "cpu_pct", "server"), 0, False))
+        rows.append((f"{n} sessions: executes/s, all sessions", *c("many", "executes_per_s"), 0))
+        rows.append((f"{n} sessions: server CPU per execute (ms)", *c("many", "server_ms_per_execute"), 3))
+        rows.append((f"{n} sessions: generator CPU % per process", *c("many", "generator_cpu_pct_per_process"), 0,
+                     False))
     return rows
 
 
@@ -253,8 +265,9 @@ def table_lines(results, transport):
         return []
     head = ("metric", "direct ZeroMQ", "kcserver", "kcgevent", "kcgevent/kcserver")
     body = []
-    for metric, d, k, g, digits in rows:
-        r = ratio(g, k) if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (g, k)) else None
+    for metric, d, k, g, digits, *with_ratio in rows:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (g, k))
+        r = ratio(g, k) if numbers and with_ratio != [False] else None
         body.append((metric, _fmt(d, digits), _fmt(k, digits), _fmt(g, digits), _fmt(r, 2)))
     widths = [max(len(x[i]) for x in [head] + body) for i in range(5)]
 
@@ -307,10 +320,11 @@ def issue_goals(results):
             if ours is None:
                 return
             if theirs is None:
-                out.append((f"[{t}] {name}", None, f"kcgevent {ours:.4g}{unit}; kcserver not measured"))
+                out.append((f"[{t}] {name}", None, f"kcgevent {_num(ours)}{unit}; kcserver not measured"))
                 return
             met = ours <= theirs if lower_is_better else ours >= theirs
-            out.append((f"[{t}] {name}", met, f"kcgevent {ours:.4g}{unit} vs kcserver {theirs:.4g}{unit}"))
+            value = f"kcgevent {_num(ours)}{unit} vs kcserver {_num(theirs)}{unit}"
+            out.append((f"[{t}] {name}", met, value + (f" (ratio {ours / theirs:.2f})" if theirs else "")))
 
         cpu = _get(res, "rt_ipykernel", "cpu_us_per_rt") or {}
         versus("server CPU per ipykernel execute <= kcserver's", _get(cpu, "kcgevent", "server"),

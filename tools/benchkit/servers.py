@@ -49,7 +49,9 @@ def ipykernel_session_body(session_id):
 
 
 def new_id(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+    """A session id that is unique in its first 8 characters: kcserver names a session's Unix socket after
+    them only (`kc-<pid>.<first 8>.sock`), so "bench-1", "bench-2" ... would share (and break) one socket."""
+    return f"{uuid.uuid4().hex[:8]}-{prefix}"
 
 
 class Server:

@@ -144,7 +144,8 @@ def memory_profile(kind, transport, workdir, kcserver, steps=(1, 2, 4, 8), settl
 # Concurrency
 
 
-def concurrency(kind, transport, workdir, kcserver, sessions, processes, n_each, n_single, warmup, log=print):
+def concurrency(kind, transport, workdir, kcserver, sessions, processes, n_each, n_single, warmup, think=0.0,
+                log=print):
     """`sessions` fake-kernel sessions on one fresh server, all running sequential executes at once, driven
     by `processes` load generator processes; and, on the same server, one session alone (same generator)."""
     server = Server(kind, transport, workdir, kcserver=kcserver)
@@ -153,9 +154,9 @@ def concurrency(kind, transport, workdir, kcserver, sessions, processes, n_each,
         ids = start_many(server, sessions, fake_session_body, parallel=10)
         created = time.perf_counter() - t0
         log(f"    {kind}: {sessions} sessions started in {created:.1f} s")
-        single = run_load(server, ids[:1], 1, n_single, warmup)
+        single = run_load(server, ids[:1], 1, n_single, warmup, think)
         log(f"    {kind}: single session done ({len(single['latencies'])} round trips)")
-        many = run_load(server, ids, processes, n_each, warmup)
+        many = run_load(server, ids, processes, n_each, warmup, think)
         log(f"    {kind}: {sessions} sessions done ({len(many['latencies'])} round trips, "
             f"{len(many['errors'])} errors)")
     finally:
