@@ -51,13 +51,15 @@ def header(results, opts):
 
 
 def roundtrip_lines(results):
-    lines = ["", "Round trips (execute_request -> execute_reply + idle), ms:         mean  median     p95     p99"
-                 "   CPU us/round trip (client/server/helpers/kernel)"]
+    lines = []
     for transport in TRANSPORTS:
         for key, label in (("rt_ipykernel", "ipykernel"), ("rt_fake", "fake kernel")):
             r = _get(results, transport, key)
             if r is None:
                 continue
+            if not lines:
+                lines = ["", "Round trips (execute_request -> execute_reply + idle), ms:         mean  median     p95"
+                             "     p99   CPU us/round trip (client/server/helpers/kernel)"]
             if "error" in r:
                 lines.append(f"  [{transport:6s}] {label:12s} ERROR {r['error']}")
                 continue
@@ -87,6 +89,8 @@ def flood_lines(results):
                 r = _get(results, transport, "flood", side, key)
                 if r is not None:
                     rows.append((f"[{transport}] {side} {label}", r))
+    if not rows:
+        return []
     for label, r in rows:
         if "error" in r:
             lines.append(f"  {label:30s} ERROR {r['error']}")
@@ -139,8 +143,9 @@ def memory_lines(results):
             if r is None:
                 continue
             if not lines:
+                steps = "/".join(str(p["kernels"]) for p in r.get("points", []))
                 lines = ["", "Memory (fresh server; idle = after one GET /status; then fake kernels), MiB:"
-                             " server RSS at 0/1/2/4/8 kernels; helpers = non-kernel children (RSS, USS)"]
+                             f" server RSS at {steps} kernels; helpers = non-kernel children (RSS, USS)"]
             if "error" in r:
                 lines.append(f"  [{transport:6s}] {side:9s} ERROR {r['error']}")
                 continue
@@ -234,10 +239,11 @@ def table_rows(results, transport):
             return [None] + [None if not mem[s] or "error" in mem[s] else mem[s].get(key)
                              for s in ("kcserver", "kcgevent")]
         rows.append(("server RSS idle (MiB)", *m("idle_rss_mib"), 1))
-        rows.append(("server RSS with 8 fake kernels (MiB)", *m("rss_at_max_mib"), 1))
+        k = next(x["max_kernels"] for x in mem.values() if x and "error" not in x)
+        rows.append((f"server RSS with {k} fake kernels (MiB)", *m("rss_at_max_mib"), 1))
         rows.append(("server RSS growth per kernel (MiB, least squares)", *m("per_kernel_mib"), 3))
-        rows.append(("helper processes, 8 kernels: RSS sum (MiB)", *m("helpers_rss_at_max_mib"), 1))
-        rows.append(("helper processes, 8 kernels: USS sum (MiB)", *m("helpers_uss_at_max_mib"), 1))
+        rows.append((f"helper processes, {k} kernels: RSS sum (MiB)", *m("helpers_rss_at_max_mib"), 1))
+        rows.append((f"helper processes, {k} kernels: USS sum (MiB)", *m("helpers_uss_at_max_mib"), 1))
         rows.append(("growth per kernel incl. helpers' RSS (MiB)", *m("per_kernel_with_helpers_mib"), 3))
         rows.append(("growth per kernel incl. helpers' USS (MiB)", *m("per_kernel_with_helpers_uss_mib"), 3))
     conc = {s: _get(res, "concurrency", s) for s in ("kcserver", "kcgevent")}
