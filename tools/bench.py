@@ -158,10 +158,11 @@ def bench_transport(transport, opts, workdir, results, direct_fake, direct_py):
     if "concurrency" in opts.only:
         conc = res.setdefault("concurrency", {})
         for kind in server_kinds(opts):
-            say(f"[{transport}] {kind}: {opts.sessions} concurrent sessions x {opts.conc_executes} executes")
+            say(f"[{transport}] {kind}: {opts.sessions} concurrent sessions x {opts.conc_executes} executes, "
+                f"think {'/'.join(f'{t:g}' for t in opts.conc_think)} ms")
             guarded(conc, kind, lambda: workloads.concurrency(
                 kind, transport, workdir, opts.kcserver, opts.sessions, opts.conc_processes, opts.conc_executes,
-                opts.conc_single, opts.conc_warmup, opts.conc_think / 1000, log=say))
+                opts.conc_single, opts.conc_warmup, [t / 1000 for t in opts.conc_think], log=say))
 
 
 # ---------------------------------------------------------------------------
@@ -192,9 +193,9 @@ def parse_args(argv=None):
     p.add_argument("--conc-single", type=int, help="executes of the single-session baseline (default 300, "
                                                    "--quick 100)")
     p.add_argument("--conc-processes", type=int, default=4, help="load generator processes (default 4)")
-    p.add_argument("--conc-think", type=float, default=0.0,
-                   help="ms each session waits between its executes (default 0: a closed loop, every session "
-                        "always has one execute in flight)")
+    p.add_argument("--conc-think", help="comma-separated ms each session waits between its executes, one run "
+                                        "each (default 0,100; --quick 0). 0: a closed loop, every session always "
+                                        "has an execute in flight")
     p.add_argument("--conc-warmup", type=int, default=3, help="untimed executes per session first (default 3)")
     p.add_argument("--full-deserialize", action="store_true",
                    help="direct client uses Session.deserialize (dates and all) instead of HMAC + json.loads")
@@ -218,6 +219,7 @@ def parse_args(argv=None):
     opts.conc_executes = opts.conc_executes or (20 if q else 50)
     opts.conc_single = opts.conc_single or (100 if q else 300)
     opts.memory_steps = tuple(int(x) for x in opts.memory_steps.split(","))
+    opts.conc_think = tuple(float(x) for x in (opts.conc_think or ("0" if q else "0,100")).split(","))
     opts.kcserver = None if opts.kcserver == "none" else find_kcserver(opts.kcserver)
     return opts
 

@@ -144,24 +144,37 @@ def memory_profile(kind, transport, workdir, kcserver, steps=(1, 2, 4, 8), settl
 # Concurrency
 
 
-def concurrency(kind, transport, workdir, kcserver, sessions, processes, n_each, n_single, warmup, think=0.0,
+PACED_SINGLE_MAX = 150  # single-session executes when paced: 150 x 100 ms is already 15 s
+
+
+def concurrency(kind, transport, workdir, kcserver, sessions, processes, n_each, n_single, warmup, thinks=(0.0,),
                 log=print):
     """`sessions` fake-kernel sessions on one fresh server, all running sequential executes at once, driven
-    by `processes` load generator processes; and, on the same server, one session alone (same generator)."""
+    by `processes` load generator processes; and, on the same server, one session alone (same generator).
+    Once per pacing in `thinks` (seconds each session waits between executes; 0 = a closed loop).
+    Returns {think in ms: {"single", "many", "p99_ratio"}} plus "create_s"."""
     server = Server(kind, transport, workdir, kcserver=kcserver)
+    out = {}
     try:
         t0 = time.perf_counter()
         ids = start_many(server, sessions, fake_session_body, parallel=10)
-        created = time.perf_counter() - t0
-        log(f"    {kind}: {sessions} sessions started in {created:.1f} s")
-        single = run_load(server, ids[:1], 1, n_single, warmup, think)
-        log(f"    {kind}: single session done ({len(single['latencies'])} round trips)")
-        many = run_load(server, ids, processes, n_each, warmup, think)
-        log(f"    {kind}: {sessions} sessions done ({len(many['latencies'])} round trips, "
-            f"{len(many['errors'])} errors)")
+        out["create_s"] = time.perf_counter() - t0
+        log(f"    {kind}: {sessions} sessions started in {out['create_s']:.1f} s")
+        for think in thinks:
+            single = run_load(server, ids[:1], 1, n_single if not think else min(n_single, PACED_SINGLE_MAX),
+                              warmup, think)
+            many = run_load(server, ids, processes, n_each, warmup, think)
+            log(f"    {kind}: think {1000 * think:g} ms: 1 session ({len(single['latencies'])} round trips), "
+                f"{sessions} sessions ({len(many['latencies'])} round trips, {len(many['errors'])} errors)")
+            out[f"{1000 * think:g}"] = pair(single, many)
     finally:
         server.stop()
-    out = {"create_s": created}
+    return out
+
+
+def pair(single, many):
+    """Latency summaries of a single-session and a many-session load, and their p99 ratio."""
+    out = {}
     for name, r in (("single", single), ("many", many)):
         lat = r.pop("latencies")
         r.update(summarize(lat) if lat else {"n": 0})
