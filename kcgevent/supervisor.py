@@ -336,7 +336,7 @@ class Supervisor:
         if not targets:
             return
         sampler.sampling_period_ms = interval
-        for session_id, sample in sampler.sample(targets).items():
+        for session_id, sample in sampler.sample(targets, between=gevent.sleep).items():
             session = self.sessions.get(session_id)
             if session is not None:
                 session.record_resource_usage(sample)

@@ -24,6 +24,7 @@ import struct
 import time
 
 import gevent
+import gevent.socket
 from gevent.lock import Semaphore
 from wsproto.connection import Connection, ConnectionType, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
@@ -226,6 +227,9 @@ class WebSocket:
         self.stalled = False
         self.peer_reset = False  # the peer reset the connection (ECONNRESET)
         self.bytes_written = 0  # every byte the kernel took from us, frames and control alike
+        self._tail = None  # what a `send_frames_now` left unwritten: the next write starts with it
+        raw = getattr(sock, "_sock", None)  # gevent's socket wraps the OS socket (non-blocking)
+        self._raw_send = raw.send if isinstance(sock, gevent.socket.socket) and raw is not None else None
         self._progress_at = None  # while writing: when the write last made progress
         self.close_code = None
         self.pings_sent = 0
@@ -254,7 +258,23 @@ class WebSocket:
     def _sendall(self, data):
         """Write all of `data`; returns the stream offset it starts at. Raises ConnectionClosed."""
         with self._send_lock:
+            if self._tail is not None:
+                tail, self._tail = self._tail, None
+                try:
+                    self._write(tail)
+                except ConnectionClosed as exc:
+                    raise ConnectionClosed(str(exc), start=None) from None  # nothing of `data` went
             return self._write(data)
+
+    @property
+    def has_tail(self):
+        """A `send_frames_now` left part of its frames unwritten (finish with `finish_write`)."""
+        return self._tail is not None
+
+    def finish_write(self):
+        """Write what `send_frames_now` left, waiting as `send_frames` does."""
+        if self._tail is not None:
+            self._sendall(b"")
 
     def _write(self, data):
         """Write all of `data` (the send lock is held); `bytes_written` counts what the kernel took.
@@ -320,6 +340,31 @@ class WebSocket:
             parts.append(payload)
         return self._sendall(b"".join(parts))
 
+    def send_frames_now(self, payloads):
+        """`send_frames` for the hub's own callbacks: one non-blocking send, never waits.
+
+        Returns the stream offset of the first frame, or None if nothing was written (a write
+        under way, the socket full or failing, not a gevent socket): then `send_frames` must.
+        What the socket did not take is kept and written first by the next write
+        (`has_tail`). Writing from the hub saves a switch to a writer greenlet per write."""
+        if self._raw_send is None or self._tail is not None or self._send_lock.locked() or \
+                self.closed or self.close_sent or self.broken:
+            return None
+        parts = []
+        for payload in payloads:
+            parts.append(frame_header(OP_TEXT, len(payload)))
+            parts.append(payload)
+        data = b"".join(parts)
+        try:
+            n = self._raw_send(data)
+        except OSError:  # EAGAIN, or an error the blocking path will meet and handle
+            return None
+        start = self.bytes_written
+        self.bytes_written += n
+        if n < len(data):
+            self._tail = memoryview(data)[n:]
+        return start
+
     def send(self, payload):
         return self.send_frames((payload,))
 
@@ -329,7 +374,7 @@ class WebSocket:
         Never waits for a write under way (the writer's own progress is watched instead)."""
         if self.pings_sent - self.last_pong > MAX_UNANSWERED_PINGS:
             return False
-        if self._send_lock.locked() or self.close_sent:
+        if self._send_lock.locked() or self._tail is not None or self.close_sent:
             return True
         self.pings_sent += 1
         self._sendall(frame(OP_PING, struct.pack("!Q", self.pings_sent)))

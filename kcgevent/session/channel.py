@@ -74,6 +74,7 @@ DRAIN_LIMIT = 10.0  # how long it may take in all
 CLOSE_TIMEOUT = 1.0  # how long a writer gets to finish its write when the session goes
 POLL_INTERVAL = 0.005
 IDLE_CHECK = 1.0  # an idle writer looks at the acknowledgements this often (to free delivered frames)
+ACK_EVERY = 64  # writes between two looks at the acknowledgements when nothing needs freeing
 KEEP_DELIVERED_BYTES = 8 << 20  # more than any socket buffer: what a `?after=` client can miss
 DISCONNECT_REASON = "Another client is connecting to this session."
 
@@ -120,38 +121,89 @@ class Client:
         self.resume = None  # first seq the peer did not get, once ended
         self.reader_done = Event()  # the greenlet reading the client's frames has finished
         self.writer = None
+        self.parked = False  # the writer waits for frames: the hub's flush may write for it
         self.pinger = None
 
     # -- writing -------------------------------------------------------------
 
     def run_writer(self):
+        """Write the log from the cursor on, many frames per write, whenever the hub's flush
+        (`write_now`) cannot: a backlog at attach, a socket that is full, a gap to announce."""
         channel = self.channel
+        log_ = channel.log
+        changed = channel.changed
+        ws = self.ws
         try:
             while not self.stopping:
-                if self.cursor < channel.log.first_seq:  # the bound forced out frames never sent to us
-                    self.ws.send(gap_notice(self.cursor, channel.log.first_seq - 1))
-                    self.cursor = channel.log.first_seq
-                batch = channel.log.read(self.cursor)
+                if ws.has_tail:
+                    ws.finish_write()
+                if self.cursor < log_.first_seq:  # the bound forced out frames never sent to us
+                    ws.send(gap_notice(self.cursor, log_.first_seq - 1))
+                    self.cursor = log_.first_seq
+                batch = log_.read(self.cursor)
                 if not batch:
-                    self.note_delivery()
-                    channel.forget_delivered(self)
-                    channel.changed.clear()
-                    channel.changed.wait(IDLE_CHECK if self._batches else None)
+                    freeable = self._freeable()
+                    if freeable:
+                        self.note_delivery()
+                        channel.forget_delivered(self)
+                    changed.clear()
+                    self.parked = True
+                    try:
+                        changed.wait(IDLE_CHECK if freeable else None)
+                    finally:
+                        self.parked = False
                     continue
                 self._send(batch)
-                self.note_delivery()
-                channel.on_progress(self)
+                self._after_write()
         except ConnectionClosed:
             if not self.stopping:  # the socket failed under the writer: settle the end now
-                how = "unresponsive" if self.ws.stalled else "dropped"
+                how = "unresponsive" if ws.stalled else "dropped"
                 gevent.spawn(channel.detach, self, how)
 
+    def write_now(self):
+        """Write what the log holds from the hub's flush callback, without waiting (never raises).
+
+        Only while the writer is parked (it owns every other write); True if everything went,
+        False if the writer must be woken (a partial write, a full socket, a gap to announce)."""
+        if not self.parked or self.stopping:
+            return False
+        log_ = self.channel.log
+        try:
+            while self.cursor >= log_.first_seq:
+                batch = log_.read(self.cursor)
+                if not batch:
+                    return True
+                payloads = self._payloads(batch)
+                start = self.ws.send_frames_now(payloads)
+                if start is None:
+                    return False
+                self._record(batch[0][0], start, payloads)
+                self._after_write()
+                if self.ws.has_tail:
+                    return False
+        except Exception:  # a bug here must not stop the hub: the writer takes over
+            log.exception("session %s: writing from the hub failed", self.channel.session_id)
+        return False
+
+    def _freeable(self):
+        """Whether asking what the peer acknowledged can free memory now."""
+        return bool(self._batches) and self.channel.log.nbytes > KEEP_DELIVERED_BYTES
+
+    def _after_write(self):
+        """Ask what the peer acknowledged only when that can free memory, or every ACK_EVERY writes:
+        asked after every write, on a round trip's path it cost more than the write itself."""
+        log_ = self.channel.log
+        if len(self._batches) >= ACK_EVERY or log_.over_limit() or log_.nbytes > KEEP_DELIVERED_BYTES:
+            self.note_delivery()
+            self.channel.on_progress(self)
+
+    def _payloads(self, batch):
+        if not self.with_seq:
+            return [frame for _, frame in batch]
+        return [frame[:-1] + b',"seq":%d}' % seq for seq, frame in batch]
+
     def _send(self, batch):
-        payloads = []
-        for seq, frame in batch:
-            if self.with_seq:
-                frame = frame[:-1] + b',"seq":%d}' % seq
-            payloads.append(frame)
+        payloads = self._payloads(batch)
         try:
             start = self.ws.send_frames(payloads)
         except ConnectionClosed as exc:
@@ -308,6 +360,8 @@ class Channel:
         self.session_id = session_id
         self.log = OutboundLog(limit, byte_limit) if log is None else log  # log: e.g. a FileLog
         self.changed = Event()  # set when frames are appended (wakes the writer)
+        self._loop = gevent.get_hub().loop
+        self._flush_scheduled = False
         self.ping_interval = ping_interval
         self.client = None  # the attached client (until its end is settled)
         self.cursor = 1  # where the next client without `after` starts
@@ -336,10 +390,22 @@ class Channel:
             self._arriving -= 1
 
     def publish(self, frame):
+        """Append `frame`; it is written once the current greenlet yields (see `_flush`)."""
         self.log.append(frame)
-        self.changed.set()
         if self.log.over_limit():
             self._trim()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.run_callback(self._flush)
+
+    def _flush(self):
+        """Runs in the hub once per loop iteration after a publish: all frames published
+        meanwhile leave in one write, from the hub itself while the writer is parked (a
+        greenlet switch less per write), else the writer is woken."""
+        self._flush_scheduled = False
+        client = self.client
+        if client is None or not client.write_now():
+            self.changed.set()
 
     def event(self, name, payload):
         """(Prefer `publish(events.<name>(...))`: events.py builds each event as the schema says.)"""

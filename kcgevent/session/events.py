@@ -6,14 +6,18 @@ Each name and payload shape is the one in schemas/channel-server-message.json
 no longer free strings scattered through the code. Each returns the encoded
 frame (bytes), ready for `Channel.publish` or `WebSocket.send`.
 """
+import functools
+
 from .wire import kernel_event
 
 NAMES = ("status", "output", "exited", "executionQueued", "executionRequested", "workingDirChanged",
          "resourceUsage", "clientDisconnected", "handshakeCompleted", "messagesDropped", "outputGap", "error")
 
 
+@functools.lru_cache(maxsize=64)
 def status(state, reason):
-    """The session status changed (`state` is one of the session statuses)."""
+    """The session status changed (`state` is one of the session statuses). (Two per execute,
+    from a handful of (state, reason) pairs: the encoded frames are kept.)"""
     return kernel_event("status", {"status": state, "reason": reason})
 
 

@@ -104,7 +104,8 @@ class KernelConnection:
         self._socket_index = {}  # socket -> its index in CHANNELS
         # Per socket (CHANNELS order): may it hold messages nobody has looked for yet?
         self._unchecked = [True] * len(CHANNELS)
-        self._watchers = []  # one read watcher per socket FD, started only while waiting
+        self._watchers = []  # one read watcher per socket FD, started once (see _on_fd_signal)
+        self._timer = None  # the safety-net wake-up of a wait, made once
         self._waiter = None  # the Waiter of whoever waits for readable sockets (pump or kernel_info)
 
     def url(self, port):
@@ -134,7 +135,12 @@ class KernelConnection:
             self._poll_items.append((sock, POLLIN))
             self._poll_one.append([(sock, POLLIN)])
             self._socket_index[sock] = index
-            self._watchers.append(loop.io(_plain_get(sock, zmq.FD), 1))
+            watcher = loop.io(_plain_get(sock, zmq.FD), 1)
+            watcher.start(self._on_fd_signal)
+            self._watchers.append(watcher)
+        # (repeating, restarted with again(): a one-shot gevent timer restarted after it fired once
+        # fires at once, every time)
+        self._timer = loop.timer(PUMP_IDLE_WAKE, PUMP_IDLE_WAKE)
 
     # -- sending -----------------------------------------------------------
 
@@ -190,21 +196,33 @@ class KernelConnection:
 
     # -- receiving ---------------------------------------------------------
 
+    def _on_fd_signal(self):
+        """A socket FD signalled: wake whoever waits (nobody while the pump drains: it will look)."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.switch(None)
+
     def _wait_readable(self, timeout):
-        """Sleep until a socket's FD signals or `timeout`, then mark the sockets holding messages."""
+        """Sleep until a socket's FD signals or `timeout`, then mark the sockets holding messages.
+
+        The FD watchers stay started for the connection's life: starting and stopping four
+        watchers and a timer around every wait cost more than the message it waited for. A
+        signal while nobody waits is harmless: the drain that follows every wait looks anyway."""
         waiter = self._waiter = Waiter(self._hub)
-        timer = self._hub.loop.timer(timeout)  # a safety net: the FDs should wake us
-        watchers = self._watchers
+        if timeout == PUMP_IDLE_WAKE:
+            timer = self._timer
+            timer.again(self._on_fd_signal)
+        else:
+            timer = self._hub.loop.timer(timeout)
+            timer.start(self._on_fd_signal)
         try:
-            for watcher in watchers:
-                watcher.start(waiter.switch, None)
-            timer.start(waiter.switch, None)
             waiter.get()
         finally:
             self._waiter = None
-            for watcher in watchers:
-                watcher.stop()
-            timer.close()
+            timer.stop()
+            if timer is not self._timer:
+                timer.close()
         for sock, _ in zmq_poll(self._poll_items, 0):
             self._unchecked[self._socket_index[sock]] = True
 
@@ -255,10 +273,13 @@ class KernelConnection:
                     self._wait_readable(PUMP_IDLE_WAKE)
                     continue
                 # Drain, but at most PUMP_BATCH per socket so the others get a turn.
-                for index, frames in self._receive(PUMP_BATCH):
-                    self._dispatch(CHANNELS[index], frames, on_message)
-                    if self.closed:
-                        return
+                for index in range(len(CHANNELS)):
+                    if unchecked[index]:
+                        unchecked[index] = False  # before receiving: a send meanwhile may set it again
+                        if self._drain(index, PUMP_BATCH, on_message):
+                            unchecked[index] = True
+                        if self.closed:
+                            return
                 if any(unchecked):
                     # More to read: first let the WebSocket writer, HTTP and pings run (a
                     # flooding kernel must not starve them).
@@ -267,19 +288,41 @@ class KernelConnection:
             if not self.closed:
                 raise
 
-    def _dispatch(self, name, frames, on_message):
-        try:
-            msg, header_raw = wire.parse_kernel_frames(name, frames, self.signer)
-        except wire.WireError as exc:
-            log.warning("session %s: dropped a %s message from the kernel: %s", self.session_id, name, exc)
-            return
-        internal = self.internal  # (the cheap substring test first: this runs for every message)
-        if internal and b"kernel_info_request" in msg.parent_raw and any(i in msg.parent_raw for i in internal):
-            return  # a late answer to one of our start-up kernel_info requests
-        try:
-            on_message(msg, header_raw)
-        except Exception:  # a bug in one message's handling must not stop the relay
-            log.exception("session %s: failed to handle a %s message", self.session_id, name)
+    def _drain(self, index, batch, on_message):
+        """Receive, parse and hand on at most `batch` messages from socket `index`; True if it
+        may hold more. (The pump's inner loop, written out: a flood spends its time here.)"""
+        name = CHANNELS[index]
+        sock = self.sockets[name]
+        poll_one = self._poll_one[index]
+        signer = self.signer
+        parse = wire.parse_kernel_frames
+        for count in range(batch):
+            try:
+                if count < POLL_FIRST and not zmq_poll(poll_one, 0):
+                    return False
+                frame = _plain_recv(sock, NOBLOCK, False)  # (recv_ready_multipart, inlined)
+            except zmq.Again:
+                return False
+            frames = [frame.bytes]
+            while frame.more:
+                frame = _plain_recv(sock, NOBLOCK, False)
+                frames.append(frame.bytes)
+            try:
+                msg, header_raw = parse(name, frames, signer)
+            except wire.WireError as exc:
+                log.warning("session %s: dropped a %s message from the kernel: %s", self.session_id, name, exc)
+                continue
+            internal = self.internal  # (the cheap substring test first: this runs for every message)
+            if internal and b"kernel_info_request" in msg.parent_raw and \
+                    any(i in msg.parent_raw for i in internal):
+                continue  # a late answer to one of our start-up kernel_info requests
+            try:
+                on_message(msg, header_raw)
+            except Exception:  # a bug in one message's handling must not stop the relay
+                log.exception("session %s: failed to handle a %s message", self.session_id, name)
+            if self.closed:
+                return False
+        return True
 
     # -- kernel_info at start ---------------------------------------------------
 
@@ -399,6 +442,9 @@ class KernelConnection:
         for watcher in self._watchers:  # before the sockets (and their FDs) go
             watcher.close()
         self._watchers = []
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         for sock in self.sockets.values():
             sock.close(0)
         self.sockets = {}

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 GUARDIAN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guardian.py")
 USE_GUARDIAN = os.name == "posix"
+_PROC_CWD = os.path.exists("/proc/self/cwd")  # Linux: a kernel's cwd is one readlink away
 GUARDIAN_REPORT_TIMEOUT = 10.0  # seconds for the guardian to say it started the kernel
 TAIL_INTERVAL = 0.05  # seconds between looks at the output files while output flows
 TAIL_IDLE_INTERVAL = 0.25  # ... and while it does not
@@ -173,11 +174,14 @@ class KernelLauncher(abc.ABC):
         return "Kernel failed to start" if kind == "exit" else "Kernel failed to connect to ZeroMQ sockets"
 
     def cwd(self):
-        """The kernel's current directory, or None if unknown."""
+        """The kernel's current directory, or None if unknown. (Asked after every execute: on
+        Linux one readlink, rather than psutil's Process, which first reads /proc/<pid>/stat.)"""
         pid = self.pid
         if pid is None:
             return None
         try:
+            if _PROC_CWD:
+                return os.readlink(f"/proc/{pid}/cwd")
             return psutil.Process(pid).cwd()
         except (psutil.Error, OSError):
             return None

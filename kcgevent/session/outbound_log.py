@@ -41,11 +41,13 @@ class FrameIndex:
 
     def over_limit(self):
         """True when the log holds more than `limit` frames or more than `byte_limit` bytes
-        (a single frame never counts as too many bytes: the newest is always kept)."""
-        n = len(self)
+        (a single frame never counts as too many bytes: the newest is always kept).
+        (Asked for every frame published: spelled out rather than through len() and nbytes.)"""
+        ends = self._ends
+        n = len(ends) - self._head
         if n > self.limit:
             return True
-        return self.byte_limit is not None and n > 1 and self.nbytes > self.byte_limit
+        return self.byte_limit is not None and n > 1 and ends[-1] - self._base > self.byte_limit
 
     def forget_before(self, seq):
         """Forget every frame before `seq`; returns how many went."""
@@ -105,8 +107,9 @@ class OutboundLog(FrameIndex):
     def append(self, frame):
         """Add `frame` (bytes) at the end; returns its seq. Does not enforce the limits (see trim)."""
         self._frames.append(frame)
-        self._ends.append((self._ends[-1] if self._ends else self._base) + len(frame))
-        return self.next_seq - 1
+        ends = self._ends
+        ends.append((ends[-1] if ends else self._base) + len(frame))
+        return self._first_seq + len(ends) - self._head - 1
 
     def read(self, seq, max_frames=BATCH_FRAMES, max_bytes=BATCH_BYTES):
         """Frames from `seq` on (at most `max_frames`, stopping once `max_bytes` is reached),

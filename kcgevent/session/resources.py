@@ -21,17 +21,19 @@ class ResourceSampler:
         self.sampling_period_ms = sampling_period_ms
         self._previous = {}  # pid -> (create_time, cpu_seconds, monotonic time)
 
-    def sample(self, pids_by_key):
+    def sample(self, pids_by_key, between=None):
         """``{key: root_pid}`` -> ``{key: metrics}``; a key whose root is gone is left out.
 
         Metrics: cpu_percent (int; 0 for a pid's first sample), memory_bytes (sum of RSS),
         thread_count, sampling_period_ms, timestamp (Unix ms). Pids not seen are forgotten.
+        `between()` is called after each key's tree: a server passes a yield there, so that
+        sampling a hundred kernels does not hold up every session for the whole pass.
         """
-        now = time.monotonic()
         timestamp = int(time.time() * 1000)
         seen = {}
         result = {}
         for key, root in pids_by_key.items():
+            now = time.monotonic()  # (per tree: `between` may let time pass)
             readings = [r for r in map(_read, _tree(root)) if r is not None]
             if not readings:
                 continue
@@ -44,6 +46,8 @@ class ResourceSampler:
                 "sampling_period_ms": self.sampling_period_ms,
                 "timestamp": timestamp,
             }
+            if between is not None:
+                between()
         self._previous = seen
         return result
 
