@@ -437,17 +437,21 @@ class WebSocket:
                     return message
                 if self.closed or self._conn.state is ConnectionState.CLOSED:
                     raise ConnectionClosed(f"closed ({self.close_code})")
-                with gevent.Timeout(timeout, False):
+                if timeout is None:  # (the relay's case: no Timeout object per frame)
                     data = self.sock.recv(RECV_BYTES)
-                    if not data:
-                        self.closed = True
-                        raise ConnectionClosed("peer closed the connection")
-                    if self._wsproto_only:
-                        self._feed_wsproto(data)
-                    else:
-                        self._rx += data
-                    continue
-                return None
+                else:
+                    data = None
+                    with gevent.Timeout(timeout, False):
+                        data = self.sock.recv(RECV_BYTES)
+                    if data is None:
+                        return None
+                if not data:
+                    self.closed = True
+                    raise ConnectionClosed("peer closed the connection")
+                if self._wsproto_only:
+                    self._feed_wsproto(data)
+                else:
+                    self._rx += data
             except OSError as exc:
                 self.closed = True
                 if exc.errno == errno.ECONNRESET:

@@ -224,3 +224,40 @@ def test_capture_merge_relays_the_capture_then_the_live_stream_without_the_overl
         merge(*wire.parse_kernel_frames("iopub", message(n), signer))
     assert relayed == [f"m{n}" for n in range(8)]
     assert os.path.exists(tmp_path / "capture.stop") and not os.path.exists(tmp_path / "capture.done")
+
+
+def test_capture_merge_leaves_out_the_answers_to_our_own_kernel_info(tmp_path):
+    """The guardian keeps iopub until the restarted supervisor's subscription is live, so its capture
+    holds the busy (and maybe not the idle) of the kernel_info the supervisor sent on reconnecting:
+    those are not relayed (relayed, a lone busy left the session "busy" for good)."""
+    import struct
+
+    from kcgevent.session import wire
+    from kcgevent.session.iopub_capture import CaptureClaim, CaptureMerge
+
+    signer = wire.Signer("key")
+    ours = {b"ki-ours"}
+
+    def status(n, parent_id, parent_type):
+        header = {"msg_id": f"m{n}", "msg_type": "status", "session": "s", "username": "u", "date": "",
+                  "version": "5.3"}
+        parent = {"msg_id": parent_id, "msg_type": parent_type}
+        return wire.serialize(signer, header, parent, {}, {"execution_state": "busy"}, identities=[b"status"])
+
+    captured = [status(0, "exec-1", "execute_request"), status(1, "ki-ours", "kernel_info_request"),
+                status(2, "ki-theirs", "kernel_info_request")]
+    with open(tmp_path / "capture.done", "wb") as f:
+        for frames in captured:
+            f.write(struct.pack(">I", len(frames)))
+            for frame in frames:
+                f.write(struct.pack(">I", len(frame)) + frame)
+
+    def is_internal(msg):
+        return b"kernel_info_request" in msg.parent_raw and any(i in msg.parent_raw for i in ours)
+
+    relayed = []
+    merge = CaptureMerge(CaptureClaim(str(tmp_path)), lambda msg, raw: relayed.append(msg.header["msg_id"]), signer,
+                         "s", is_internal)
+    merge.iopub_live()
+    gwait(lambda: merge.state == "live", 5, "the merge")
+    assert relayed == ["m0", "m2"]  # another client's kernel_info is relayed as usual

@@ -76,11 +76,12 @@ class CaptureClaim:
 class CaptureMerge:
     """A kernel-message handler for a restored connection: the capture first, then the live stream."""
 
-    def __init__(self, claim, relay, signer, session_id):
+    def __init__(self, claim, relay, signer, session_id, is_internal=None):
         self.claim = claim
         self.relay = relay
         self.signer = signer
         self.session_id = session_id
+        self.is_internal = is_internal  # msg -> whether it answers our own kernel_info (not relayed)
         self.state = "waiting"  # "waiting" for our iopub to be live, "merging", then "live"
         self.held = []
         self.skip = None  # msg_ids of captured messages our own stream may repeat
@@ -111,6 +112,11 @@ class CaptureMerge:
                 log.warning("session %s: a captured iopub message is unusable: %s", self.session_id, exc)
                 continue
             ids.add(msg.header["msg_id"])
+            if self.is_internal is not None and self.is_internal(msg):
+                # The guardian listens until our own subscription is live, so it also keeps the
+                # busy/idle of the kernel_info we sent on reconnecting: relayed, a busy whose idle
+                # came after the handover left the session "busy" for good.
+                continue
             self.relay(msg, header_raw)
         self.relayed = len(ids)
         if captured:

@@ -9,9 +9,10 @@ The four kernel sockets are plain pyzmq sockets, not zmq.green ones:
 zmq.green costs tens of microseconds per message on the relay's hot path (a
 state watcher per socket firing on every FD signal, a Poller and two gevent
 Timeouts built per poll). The pump drains the sockets it has reason to look
-at, then waits on their FDs with watchers made once; woken, it asks ZeroMQ
-(`zmq_poll`, timeout 0) which sockets hold messages, so messages arriving on
-several sockets at once leave in one WebSocket write.
+at, then waits; each socket's FD has a watcher, started once, that marks its
+socket "unchecked" and wakes the pump, so no poll of all four is needed after
+a wake, and messages arriving on several sockets at once leave in one
+WebSocket write (the hub writes once per loop iteration, see channel.py).
 
 ZeroMQ's FD is edge-triggered: it signals a change of state, and whoever next
 processes the socket's commands (a recv, a send, zmq_poll) consumes the
@@ -99,9 +100,7 @@ class KernelConnection:
         self._heartbeat = None
         self._hub = get_hub()
         self._index = {name: i for i, name in enumerate(CHANNELS)}
-        self._poll_items = []  # [(socket, POLLIN)] in CHANNELS order, for zmq_poll
         self._poll_one = []  # [[(socket, POLLIN)]] the same, one list per socket
-        self._socket_index = {}  # socket -> its index in CHANNELS
         # Per socket (CHANNELS order): may it hold messages nobody has looked for yet?
         self._unchecked = [True] * len(CHANNELS)
         self._watchers = []  # one read watcher per socket FD, started once (see _on_fd_signal)
@@ -132,11 +131,9 @@ class KernelConnection:
         loop = self._hub.loop
         for index, name in enumerate(CHANNELS):
             sock = self.sockets[name]
-            self._poll_items.append((sock, POLLIN))
             self._poll_one.append([(sock, POLLIN)])
-            self._socket_index[sock] = index
             watcher = loop.io(_plain_get(sock, zmq.FD), 1)
-            watcher.start(self._on_fd_signal)
+            watcher.start(self._on_fd_signal, index)
             self._watchers.append(watcher)
         # (repeating, restarted with again(): a one-shot gevent timer restarted after it fired once
         # fires at once, every time)
@@ -196,26 +193,36 @@ class KernelConnection:
 
     # -- receiving ---------------------------------------------------------
 
-    def _on_fd_signal(self):
-        """A socket FD signalled: wake whoever waits (nobody while the pump drains: it will look)."""
+    def _on_fd_signal(self, index):
+        """Socket `index`'s FD signalled: it may hold messages; wake whoever waits (nobody while
+        the pump drains: it looks at the socket before waiting again)."""
+        self._unchecked[index] = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.switch(None)
+
+    def _on_wait_timeout(self):
+        """The safety net: look at every socket."""
+        self._unchecked[:] = [True] * len(CHANNELS)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             waiter.switch(None)
 
     def _wait_readable(self, timeout):
-        """Sleep until a socket's FD signals or `timeout`, then mark the sockets holding messages.
+        """Sleep until a socket's FD signals (marking it unchecked) or `timeout` (marking all).
 
         The FD watchers stay started for the connection's life: starting and stopping four
-        watchers and a timer around every wait cost more than the message it waited for. A
-        signal while nobody waits is harmless: the drain that follows every wait looks anyway."""
+        watchers and a timer around every wait cost more than the message it waited for, and
+        as each watcher names its socket, no zmq_poll of all four is needed after a wake."""
         waiter = self._waiter = Waiter(self._hub)
         if timeout == PUMP_IDLE_WAKE:
             timer = self._timer
-            timer.again(self._on_fd_signal)
+            timer.again(self._on_wait_timeout)
         else:
             timer = self._hub.loop.timer(timeout)
-            timer.start(self._on_fd_signal)
+            timer.start(self._on_wait_timeout)
         try:
             waiter.get()
         finally:
@@ -223,8 +230,6 @@ class KernelConnection:
             timer.stop()
             if timer is not self._timer:
                 timer.close()
-        for sock, _ in zmq_poll(self._poll_items, 0):
-            self._unchecked[self._socket_index[sock]] = True
 
     def _receive(self, batch):
         """Yield (index, frames) from the unchecked sockets, at most `batch` messages from each.
@@ -312,9 +317,7 @@ class KernelConnection:
             except wire.WireError as exc:
                 log.warning("session %s: dropped a %s message from the kernel: %s", self.session_id, name, exc)
                 continue
-            internal = self.internal  # (the cheap substring test first: this runs for every message)
-            if internal and b"kernel_info_request" in msg.parent_raw and \
-                    any(i in msg.parent_raw for i in internal):
+            if self.internal and self.is_internal(msg):
                 continue  # a late answer to one of our start-up kernel_info requests
             try:
                 on_message(msg, header_raw)
@@ -323,6 +326,12 @@ class KernelConnection:
             if self.closed:
                 return False
         return True
+
+    def is_internal(self, msg):
+        """Whether `msg` answers one of our own kernel_info requests (never relayed).
+        (The cheap substring test first: the pump asks for every message while there are some.)"""
+        parent = msg.parent_raw
+        return b"kernel_info_request" in parent and any(i in parent for i in self.internal)
 
     # -- kernel_info at start ---------------------------------------------------
 

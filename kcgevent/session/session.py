@@ -671,7 +671,7 @@ class KernelSession:
         relay = self._on_kernel_message
         capture = launcher.iopub_capture() if launcher is not None else None
         if capture is not None:
-            relay = CaptureMerge(capture, relay, conn.signer, self.session_id)
+            relay = CaptureMerge(capture, relay, conn.signer, self.session_id, conn.is_internal)
         reply = None
         try:
             reply = conn.kernel_info(timeout, exited, relay)
