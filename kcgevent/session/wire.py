@@ -232,7 +232,10 @@ def parse_client_frame(text):
     except RecursionError:
         msg = too_deep = None  # json gave up: deeper than any limit
     else:
-        too_deep = json_depth_exceeds(msg, MAX_CLIENT_DEPTH)
+        # Nesting needs an opening bracket per level: a frame with few of them (every usual one)
+        # cannot be too deep, and skips the walk over its values.
+        brackets = text.count("{") + text.count("[") if isinstance(text, str) else MAX_CLIENT_DEPTH + 1
+        too_deep = brackets > MAX_CLIENT_DEPTH and json_depth_exceeds(msg, MAX_CLIENT_DEPTH)
     if too_deep is not False:
         raise WireError(f"frame is nested too deeply (at most {MAX_CLIENT_DEPTH} levels)")
     if not isinstance(msg, dict):
