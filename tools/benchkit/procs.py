@@ -78,27 +78,14 @@ class Reaper:
                 popen.send_signal(graceful)
             except OSError:
                 pass
-        try:
-            popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            try:
-                popen.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        wait_or_kill(popen, timeout)
         left = self._alive(tree)  # kernels the server did not end: they get the same signal, then SIGKILL
         for proc in left:
             try:
                 proc.send_signal(graceful)
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(left, timeout=3)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        kill_survivors(left, 3)
 
     def cleanup(self, timeout=15):
         """Graceful signal to what we started, wait, then SIGKILL anything left. Returns leftovers."""
@@ -111,23 +98,33 @@ class Reaper:
                     pass
         deadline = time.monotonic() + timeout
         for popen, _ in self.popens:
-            try:
-                popen.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                try:
-                    popen.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
+            wait_or_kill(popen, max(0.1, deadline - time.monotonic()))
         # Kernels live in their own process groups: give them a moment to follow their server.
-        _, alive = psutil.wait_procs(self._alive(), timeout=3)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        kill_survivors(self._alive(), 3)
         return [p.pid for p in self._alive()]
+
+
+def wait_or_kill(popen, timeout):
+    """Wait up to `timeout` for `popen` to end, then SIGKILL it (and wait 5 s more)."""
+    try:
+        popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        try:
+            popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def kill_survivors(procs, grace):
+    """Give `procs` (psutil) `grace` seconds to end, then SIGKILL the rest (and wait 5 s more)."""
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 REAPER = Reaper()
