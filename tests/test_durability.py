@@ -587,7 +587,14 @@ def test_sigkill_of_server_takes_kernels_down(start_server):
     start_session(server.client, python_kernel_session(py_id, PYTHON, working_directory=HERE))
     fake_id = start_fake(server)
     pids = [kernel_pid(server, py_id), kernel_pid(server, fake_id)]
-    pids += [p.pid for p in server.descendants()]  # the kernels' guardians too
+    guardians = server.descendants()
+    pids += [p.pid for p in guardians]  # the kernels' guardians too
+    kernel_dirs = {os.path.dirname(p.cmdline()[p.cmdline().index("--dir") + 1]) for p in guardians
+                   if "--dir" in p.cmdline()}
+    assert len(kernel_dirs) == 1 and os.path.isdir(next(iter(kernel_dirs)))
     os.kill(server.pid, signal.SIGKILL)
     server.process.wait(5)
     wait_gone(pids, timeout=10)
+    # Nothing is left on disk either: the guardians removed the sessions' files and the private dir.
+    kernel_dir = next(iter(kernel_dirs))
+    wait_for(lambda: not os.path.exists(kernel_dir), 5, f"{kernel_dir} to be removed")

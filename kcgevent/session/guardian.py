@@ -318,6 +318,8 @@ def main(args):
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
             write_status(directory, {"guardian_pid": os.getpid(), "kernel_pid": kernel, "exit_code": code})
             end_tree(kernel)
+            if not options["lock"] and os.getppid() != parent:
+                remove_session_files(directory)  # nobody else will: the supervisor is gone for good
             mirror_exit(status)
         now = time.monotonic()
         if ending is None:
@@ -385,6 +387,34 @@ def signal_waiter(signals):
             time.sleep(timeout)
         return received.pop(0) if received else None
     return wait
+
+
+def remove_session_files(directory):
+    """The supervisor died without a state dir: remove this session's files from its private kernel
+    directory (``<dir>/../kcgevent-*``: the connection and registration files, the ipc sockets and our
+    own directory), and the directory itself once the last session's guardian has done so."""
+    kernel_dir, name = os.path.split(os.path.normpath(directory))
+    if not name.startswith("launcher_") or not os.path.basename(kernel_dir).startswith("kcgevent-"):
+        return
+    stem = name[len("launcher_"):]
+    digest = stem.rsplit("-", 1)[-1]  # the session id's hash, which also names its ipc sockets
+    try:
+        entries = os.listdir(kernel_dir)
+    except OSError:
+        return
+    mine = {f"connection_{stem}.json", f"registration_{stem}.json"}
+    for entry in entries:
+        if entry in mine or (len(digest) == 10 and entry.startswith(f"k-{digest}")):
+            try:
+                os.unlink(os.path.join(kernel_dir, entry))
+            except OSError:
+                pass
+    import shutil  # (only here: the guardian's start stays small)
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        os.rmdir(kernel_dir)  # fails while other sessions' files are there: the last one removes it
+    except OSError:
+        pass
 
 
 def end_tree(kernel):
