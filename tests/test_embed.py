@@ -59,6 +59,26 @@ def recv_until(ws, predicate, timeout=15):
             return frames
 
 
+def kill_host(proc, spawned):
+    """SIGKILL a host app, give what it spawned a moment to end on its own (a guardian that sees its
+    supervisor gone ends the kernel and removes the session's files), then SIGKILL what is left."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(5)
+    procs = []
+    for pid in spawned:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 class HostApp:
     """tests/apps/embedded_app.py in a child process; `stop()` kills what is left and reports it."""
 
@@ -86,14 +106,7 @@ class HostApp:
 
     def stop(self):
         self.children()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        for pid in self.spawned:
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_host(self.proc, self.spawned)
         self.proc.stdout.close()
         self.proc.stderr.close()
 
@@ -245,14 +258,7 @@ def test_blueprint_mounted_in_another_app():
             spawned.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
         except psutil.NoSuchProcess:
             pass
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        for pid in spawned:
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_host(proc, spawned)
         proc.stdout.close()
         proc.stderr.close()
 
@@ -314,11 +320,4 @@ def test_channel_under_gunicorns_gevent_worker(tmp_path):
             spawned.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
         except psutil.NoSuchProcess:
             pass
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        for pid in spawned:
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_host(proc, spawned)
