@@ -53,6 +53,7 @@ TICK = 0.2  # seconds between checks of the supervisor when no signal arrives
 LOCK_TICK = 0.05  # the same with a state dir: the sooner we listen to iopub, the less is lost
 CAPTURE_UNCLAIMED = 30.0  # seconds a capture goes on while a supervisor holds the lock without claiming it
 TERM_WAIT = 2.0  # seconds the tree gets between SIGTERM and SIGKILL
+PF_EXITING = 0x4  # /proc/<pid>/stat flags: the process is exiting
 _FLOCK = "hhqqi4x"  # struct flock on Linux (64-bit off_t)
 
 
@@ -318,7 +319,7 @@ def main(args):
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
             write_status(directory, {"guardian_pid": os.getpid(), "kernel_pid": kernel, "exit_code": code})
             end_tree(kernel)
-            if not options["lock"] and os.getppid() != parent:
+            if not options["lock"] and supervisor_gone(parent, status):
                 remove_session_files(directory)  # nobody else will: the supervisor is gone for good
             mirror_exit(status)
         now = time.monotonic()
@@ -387,6 +388,31 @@ def signal_waiter(signals):
             time.sleep(timeout)
         return received.pop(0) if received else None
     return wait
+
+
+def supervisor_gone(parent, kernel_status):
+    """Whether our supervisor (`parent`, no state dir) is gone or going, when the kernel has exited.
+
+    A supervisor that dies closes its end of the kernel's output pipes before its children are
+    handed to a new parent, so a kernel may die of SIGPIPE while getppid() still names the dying
+    supervisor: its PF_EXITING flag (or, for that case only, 0.1 s more) tells. A supervisor that is
+    alive removes a session's files itself, and may be restarting the kernel under the same names."""
+    deadline = time.monotonic() + (0.1 if os.WIFSIGNALED(kernel_status) and
+                                   os.WTERMSIG(kernel_status) == signal.SIGPIPE else 0.0)
+    while True:
+        if os.getppid() != parent:
+            return True
+        try:
+            with open(f"/proc/{parent}/stat", "rb") as f:
+                data = f.read()
+            fields = data[data.rindex(b")") + 2:].split()
+            if fields[0] in (b"Z", b"X") or int(fields[6]) & PF_EXITING:
+                return True
+        except (OSError, ValueError, IndexError):
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def remove_session_files(directory):
