@@ -52,17 +52,19 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         return headers
 
-    def request(self, method, path, body=None, *, token=True, timeout=None, raw_body=None):
-        """(status, decoded JSON or None) of one request."""
+    def exchange(self, method, path, body=None, *, token=True, timeout=None, raw_body=None, headers=None):
+        """(status, response headers, decoded JSON, text or None) of one request. `body` is sent as
+        JSON, `raw_body` as given; `headers` are added to (and override) the usual ones."""
         conn = self._connection(timeout)
-        headers = self.headers(token)
+        all_headers = self.headers(token)
+        all_headers.update(headers or {})
         data = raw_body
         if body is not None:
             data = json.dumps(body).encode()
         if data is not None:
-            headers["Content-Type"] = "application/json"
+            all_headers.setdefault("Content-Type", "application/json")
         try:
-            conn.request(method, path, body=data, headers=headers)
+            conn.request(method, path, body=data, headers=all_headers)
             response = conn.getresponse()
             payload = response.read()
         finally:
@@ -71,7 +73,12 @@ class Client:
             decoded = json.loads(payload) if payload else None
         except ValueError:
             decoded = payload.decode(errors="replace")
-        return response.status, decoded
+        return response.status, response.headers, decoded
+
+    def request(self, method, path, body=None, *, token=True, timeout=None, raw_body=None):
+        """(status, decoded JSON or None) of one request."""
+        status, _, decoded = self.exchange(method, path, body, token=token, timeout=timeout, raw_body=raw_body)
+        return status, decoded
 
     def call(self, method, path, body=None, **kwargs):
         """Like `request`, but raise ApiResponseError unless the status is 200."""

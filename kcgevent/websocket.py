@@ -132,6 +132,15 @@ def frame_size(n):
     return n + (2 if n < 126 else 4 if n < 65536 else 10)
 
 
+def text_frames(payloads):
+    """Text frames for JSON payloads (bytes), joined for one write (one copy of each payload)."""
+    parts = []
+    for payload in payloads:
+        parts.append(frame_header(OP_TEXT, len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
 def frame(opcode, payload):
     """One unmasked, final server frame."""
     return frame_header(opcode, len(payload)) + payload
@@ -334,11 +343,7 @@ class WebSocket:
         Returns the stream offset where the first frame starts (`frame_size` gives each length)."""
         if self.closed or self.close_sent:
             raise ConnectionClosed("connection is closed", start=None)
-        parts = []
-        for payload in payloads:
-            parts.append(frame_header(OP_TEXT, len(payload)))
-            parts.append(payload)
-        return self._sendall(b"".join(parts))
+        return self._sendall(text_frames(payloads))
 
     def send_frames_now(self, payloads):
         """`send_frames` for the hub's own callbacks: one non-blocking send, never waits.
@@ -350,11 +355,7 @@ class WebSocket:
         if self._raw_send is None or self._tail is not None or self._send_lock.locked() or \
                 self.closed or self.close_sent or self.broken:
             return None
-        parts = []
-        for payload in payloads:
-            parts.append(frame_header(OP_TEXT, len(payload)))
-            parts.append(payload)
-        data = b"".join(parts)
+        data = text_frames(payloads)
         try:
             n = self._raw_send(data)
         except OSError:  # EAGAIN, or an error the blocking path will meet and handle

@@ -9,7 +9,6 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
@@ -296,22 +295,5 @@ def open_channel():
 
 def raw_request(server, method, path, body=None, *, raw_body=None, headers=None, token=True, timeout=30):
     """(status, headers, decoded body) of one request; the body is decoded as JSON when possible."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.info["port"], timeout=timeout)
-    all_headers = dict(server.client.headers(token))
-    all_headers.update(headers or {})
-    data = raw_body
-    if body is not None:
-        data = json.dumps(body).encode()
-    if data is not None:
-        all_headers.setdefault("Content-Type", "application/json")
-    try:
-        conn.request(method, path, body=data, headers=all_headers)
-        response = conn.getresponse()
-        payload = response.read()
-    finally:
-        conn.close()
-    try:
-        decoded = json.loads(payload) if payload else None
-    except ValueError:
-        decoded = payload.decode(errors="replace")
-    return response.status, response.headers, decoded
+    return server.client.exchange(method, path, body, raw_body=raw_body, headers=headers, token=token,
+                                  timeout=timeout)

@@ -60,8 +60,13 @@ def recv_until(ws, predicate, timeout=15):
 
 
 def kill_host(proc, spawned):
-    """SIGKILL a host app, give what it spawned a moment to end on its own (a guardian that sees its
-    supervisor gone ends the kernel and removes the session's files), then SIGKILL what is left."""
+    """SIGKILL a host app, give what it spawned (`spawned` pids, and its children now) a moment to end
+    on its own (a guardian that sees its supervisor gone ends the kernel and removes the session's
+    files), then SIGKILL what is left."""
+    try:
+        spawned = set(spawned) | {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        pass
     if proc.poll() is None:
         proc.kill()
         proc.wait(5)
@@ -96,16 +101,7 @@ class HostApp:
         self.port, self.token = announced["port"], announced["token"]
         self.client = Client({"port": self.port, "bearer_token": self.token}, timeout=30)
 
-    def children(self):
-        try:
-            kids = {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            kids = set()
-        self.spawned |= kids
-        return kids
-
     def stop(self):
-        self.children()
         kill_host(self.proc, self.spawned)
         self.proc.stdout.close()
         self.proc.stderr.close()
@@ -254,10 +250,6 @@ def test_blueprint_mounted_in_another_app():
     finally:
         if ws is not None:
             ws.close()
-        try:
-            spawned.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
         kill_host(proc, spawned)
         proc.stdout.close()
         proc.stderr.close()
@@ -316,8 +308,4 @@ def test_channel_under_gunicorns_gevent_worker(tmp_path):
     finally:
         if ws is not None:
             ws.close()
-        try:
-            spawned.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
         kill_host(proc, spawned)

@@ -206,14 +206,15 @@ class KernelConnection:
         """Socket `index`'s FD signalled: it may hold messages; wake whoever waits (nobody while
         the pump drains: it looks at the socket before waiting again)."""
         self._unchecked[index] = True
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            waiter.switch(None)
+        self._wake()
 
     def _on_wait_timeout(self):
         """The safety net: look at every socket."""
         self._unchecked[:] = [True] * len(CHANNELS)
+        self._wake()
+
+    def _wake(self):
+        """Switch to whoever waits in `_wait_readable` (from the hub's own callbacks), once."""
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
