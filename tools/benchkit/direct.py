@@ -11,7 +11,7 @@ import zmq
 from jupyter_client.session import Session
 
 from .procs import REAPER, BenchError, now, remaining
-from .servers import FAKE_KERNEL, PYTHON, ArrivalStats, finish_flood
+from .servers import FAKE_KERNEL, PYTHON, FloodTally
 
 from kcgevent.session.session import free_ports  # noqa: E402  (servers put the repository on sys.path)
 
@@ -137,19 +137,11 @@ class DirectKernel:
 
     def flood(self, n, timeout=120):
         deadline = time.monotonic() + timeout
-        expected = 0
-        problems = []
-        t_last = None
-        stats = ArrivalStats()
-        t0 = now()
+        tally = FloodTally()
         for msg_type, content in self._messages_for(self._execute(f"flood {n}"), deadline, 30):
             if msg_type == "stream":
-                text = content["text"]
-                if text != f"{expected}\n" and len(problems) < 5:
-                    problems.append(f"expected {expected!r}, got {text!r}")
-                expected = int(text) + 1 if text[:-1].isdigit() else expected + 1
-                t_last = stats.arrived(now())
-        return finish_flood(n, expected, t0, t_last, problems, stats)
+                tally.saw(content["text"])
+        return tally.result(n)
 
     def close(self):
         for sock in (self.shell, self.iopub):

@@ -222,31 +222,23 @@ class Channel:
         msg_id = request["header"]["msg_id"]
         deadline = time.monotonic() + timeout
         ws.settimeout(min(30.0, timeout))
-        expected = 0
-        problems = []
         got_reply = got_idle = False
-        t_last = None
-        stats = ArrivalStats()
-        t0 = now()
+        tally = FloodTally()
         ws.send(json.dumps(request))
         while not (got_reply and got_idle):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"flood: {expected}/{n} stream messages within {timeout} s")
+                raise TimeoutError(f"flood: {tally.expected}/{n} stream messages within {timeout} s")
             frame = json.loads(ws.recv())
             if frame.get("kind") != "jupyter" or (frame.get("parent_header") or {}).get("msg_id") != msg_id:
                 continue
             msg_type = frame["header"]["msg_type"]
             if msg_type == "stream":
-                text = frame["content"]["text"]
-                if text != f"{expected}\n" and len(problems) < 5:
-                    problems.append(f"expected {expected!r}, got {text!r}")
-                expected = int(text) + 1 if text[:-1].isdigit() else expected + 1
-                t_last = stats.arrived(now())
+                tally.saw(frame["content"]["text"])
             elif msg_type == "execute_reply":
                 got_reply = True
             elif msg_type == "status" and frame["content"].get("execution_state") == "idle":
                 got_idle = True
-        return finish_flood(n, expected, t0, t_last, problems, stats)
+        return tally.result(n)
 
     def flood_raw(self, n, timeout=120):
         """Reads WebSocket frames straight off the socket; only a regex per frame."""
@@ -255,11 +247,7 @@ class Channel:
         request = execute_request(f"flood {n}")
         msg_id = request["header"]["msg_id"].encode()
         deadline = time.monotonic() + timeout
-        expected = 0
-        problems = []
-        t_last = None
-        stats = ArrivalStats()
-        t0 = now()
+        tally = FloodTally()
         ws.send(json.dumps(request))
         while True:
             payload = reader.next(deadline)
@@ -267,16 +255,12 @@ class Channel:
                 continue
             m = STREAM_TEXT.search(payload)
             if m is not None:
-                value = int(m.group(1))
-                if value != expected and len(problems) < 5:
-                    problems.append(f"expected {expected}, got {value}")
-                expected = value + 1
-                t_last = stats.arrived(now())
+                tally.saw(m.group(1).decode() + "\n")
             elif is_idle(payload):
                 break
         # this connection's buffered bytes now belong to `reader`: don't reuse it
         self.close()
-        return finish_flood(n, expected, t0, t_last, problems, stats)
+        return tally.result(n)
 
 
 def is_idle(payload):
@@ -329,28 +313,36 @@ class RawFrames:
             self.pos = 0
 
 
-class ArrivalStats:
-    """When the first stream message came, and the longest silence between two of them."""
-
-    __slots__ = ("first", "prev", "max_gap")
+class FloodTally:
+    """What a flood reader saw of the stream texts "0\\n".."N-1\\n": whether they came once each and in
+    order (the first problems), when the first came, the last, and the longest silence between two.
+    Made just before the execute is sent: that is the start of the clock."""
 
     def __init__(self):
-        self.first = self.prev = None
+        self.t0 = now()
+        self.expected = 0
+        self.problems = []
+        self.first = self.last = None
         self.max_gap = 0.0
 
-    def arrived(self, t):
-        if self.prev is None:
+    def saw(self, text):
+        """A stream message with `text` arrived."""
+        t = now()
+        if text != f"{self.expected}\n" and len(self.problems) < 5:
+            self.problems.append(f"expected {self.expected!r}, got {text!r}")
+        self.expected = int(text) + 1 if text[:-1].isdigit() else self.expected + 1
+        if self.last is None:
             self.first = t
-        elif t - self.prev > self.max_gap:
-            self.max_gap = t - self.prev
-        self.prev = t
-        return t
+        elif t - self.last > self.max_gap:
+            self.max_gap = t - self.last
+        self.last = t
 
-
-def finish_flood(n, got_until, t0, t_last, problems, stats):
-    """(seconds from send to last stream message, problems, extra numbers)."""
-    if t_last is None:
-        raise BenchError("flood: no stream message arrived")
-    if got_until != n and len(problems) < 5:
-        problems.append(f"last text was {got_until - 1}, expected {n - 1}")
-    return t_last - t0, problems, {"first_ms": 1000 * (stats.first - t0), "max_gap_ms": 1000 * stats.max_gap}
+    def result(self, n):
+        """(seconds from send to last stream message, problems, extra numbers)."""
+        if self.last is None:
+            raise BenchError("flood: no stream message arrived")
+        problems = list(self.problems)
+        if self.expected != n and len(problems) < 5:
+            problems.append(f"last text was {self.expected - 1}, expected {n - 1}")
+        return self.last - self.t0, problems, {"first_ms": 1000 * (self.first - self.t0),
+                                               "max_gap_ms": 1000 * self.max_gap}
