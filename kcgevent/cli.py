@@ -60,6 +60,8 @@ def setup_logging(level_name, log_file):
           "socket takes nothing for 3 intervals, is dropped)")
 @argh.arg("--heartbeat-interval", type=float, help="seconds between kernel heartbeats")
 @argh.arg("--heartbeat-timeout", type=float, help="seconds without a heartbeat reply before a kernel is offline")
+@argh.arg("--idle-probe-delay", type=float, help="seconds a busy session waits for the kernel's idle after an "
+          "execute_reply before asking the kernel whether it is idle (its idle was lost; 0: never ask)")
 @argh.arg("--idle-shutdown-seconds", type=float, help="like --idle-shutdown-hours, in seconds (for tests)")
 @argh.arg("--mcp-command-timeout", type=float, help="seconds an agent's Positron command waits for the window's reply")
 @argh.arg("--state-dir", help="keep sessions here so that kernels survive a crash of the server and a server "
@@ -75,7 +77,8 @@ def setup_logging(level_name, log_file):
 def serve(port=0, token=None, log_file=None, connection_file=None, handshake_socket=None,
           idle_shutdown_hours=None, resource_sample_interval=1000, log_level=None, transport=None,
           socket_dir=None, unix_socket=None, buffer_limit=100_000, buffer_bytes=64 << 20, shutdown_timeout=5.0,
-          ping_interval=10.0, heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_shutdown_seconds=None,
+          ping_interval=10.0, heartbeat_interval=2.0, heartbeat_timeout=5.0, idle_probe_delay=3.0,
+          idle_shutdown_seconds=None,
           state_dir=None, restart_grace=60.0, max_body_bytes=16 * 1024 * 1024, max_message_bytes=64 * 1024 * 1024,
           http_timeout=60.0, access_log=False, kernel_transport=None, mcp_command_timeout=45.0,
           version=False):
@@ -88,7 +91,8 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
                           log_level=log_level, buffer_limit=buffer_limit, buffer_bytes=buffer_bytes,
                           shutdown_timeout=shutdown_timeout,
                           ping_interval=ping_interval, heartbeat_interval=heartbeat_interval,
-                          heartbeat_timeout=heartbeat_timeout, idle_shutdown_seconds=idle_shutdown_seconds,
+                          heartbeat_timeout=heartbeat_timeout, idle_probe_delay=idle_probe_delay,
+                          idle_shutdown_seconds=idle_shutdown_seconds,
                           state_dir=state_dir or os.environ.get("KCGEVENT_STATE_DIR") or None,
                           restart_grace=max(0.0, restart_grace),
                           max_body_bytes=max_body_bytes, max_message_bytes=max_message_bytes,

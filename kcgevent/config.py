@@ -19,6 +19,7 @@ class ServerConfig:
     ping_interval: float = 10.0
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 5.0
+    idle_probe_delay: float = 3.0  # seconds after an execute_reply without its idle before the kernel is asked
     idle_shutdown_seconds: float | None = None  # overrides the hours (tests, embedding)
     mcp_attach_timeout: float = 15.0  # seconds a brokered Positron command waits for a window to attach
     mcp_command_timeout: float = 45.0  # seconds it waits for the window's reply

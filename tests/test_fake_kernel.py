@@ -308,6 +308,35 @@ def test_error_and_echo(launch):
     assert stream_texts(iopub_until_idle(client, msg_id)) == ["1 + 1\n"]
 
 
+def test_lose_idle_and_kernel_infos(launch):
+    """`lose_idle N`: the request's iopub idle and those of the next N-1 requests are not published
+    (their busy and replies are); `kernel_infos` counts the kernel_info requests served."""
+    _, client = launch()
+    wait_iopub_subscribed(client)  # (its kernel_info requests count)
+    msg_id = client.execute("kernel_infos")
+    assert reply_to(client, msg_id)["content"]["status"] == "ok"
+    served = int(stream_texts(iopub_until_idle(client, msg_id))[0].split()[1])
+    assert served >= 1
+    lost = client.execute("print a\nlose_idle 2")
+    assert reply_to(client, lost)["content"]["status"] == "ok"
+    probe = client.kernel_info()
+    assert reply_to(client, probe)["msg_type"] == "kernel_info_reply"
+    last = client.execute("kernel_infos")
+    assert reply_to(client, last)["content"]["status"] == "ok"
+    states = {lost: [], probe: [], last: []}
+    texts = []
+    deadline = time.monotonic() + TIMEOUT
+    while states[last][-1:] != ["idle"] and time.monotonic() < deadline:
+        msg = client.get_iopub_msg(timeout=TIMEOUT)
+        parent = msg["parent_header"].get("msg_id")
+        if msg["msg_type"] == "status" and parent in states:
+            states[parent].append(msg["content"]["execution_state"])
+        elif msg["msg_type"] == "stream" and parent == last:
+            texts.append(msg["content"]["text"])
+    assert states == {lost: ["busy"], probe: ["busy"], last: ["busy", "idle"]}
+    assert texts == [f"kernel_info_requests {served + 1}\n"]
+
+
 def test_interrupt_request_during_sleep(launch):
     _, client = launch()
     msg_id = start_sleep(client)

@@ -104,6 +104,7 @@ class KernelConnection:
         self._locks = {name: Semaphore() for name in CHANNELS}
         self.closed = False
         self.internal = set()  # msg_ids of our own kernel_info requests: their replies are not relayed
+        self.on_internal = None  # called with each answer to them, once the pump runs (see idle_probe.py)
         self._handshake_monitors = {}  # channel name -> monitor socket, until its handshake is seen
         self._pump = None
         self._heartbeat = None
@@ -328,7 +329,9 @@ class KernelConnection:
                 log.warning("session %s: dropped a %s message from the kernel: %s", self.session_id, name, exc)
                 continue
             if self.internal and self.is_internal(msg):
-                continue  # a late answer to one of our start-up kernel_info requests
+                if self.on_internal is not None:
+                    self.on_internal(msg)
+                continue  # an answer to one of our own kernel_info requests
             try:
                 on_message(msg, header_raw)
             except Exception:  # a bug in one message's handling must not stop the relay

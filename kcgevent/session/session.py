@@ -23,6 +23,7 @@ from .execution_queue import ExecutionQueue
 from .handshake import HandshakeFailed, NoHandshake, Registration, SilentKernelProbe, wants_handshake
 from .iopub_capture import CaptureMerge
 from .history import RECENT_ENTRIES, ExecutionHistory
+from .idle_probe import IdleProbe
 from .kernel import KernelConnectError, KernelConnection
 from .launcher import LaunchError, LaunchRequest
 
@@ -78,6 +79,7 @@ class KernelSession:
         self.queue = ExecutionQueue()
         self.history = ExecutionHistory()
         self.collectors = {}  # msg_id -> execute.Collector of callers waiting for a result
+        self.idle_probe = IdleProbe(self, config.idle_probe_delay)  # when the kernel's idle is lost
         self.socket_path = None
         self._busy_verb = None  # "start" / "restart" while one is under way
         self._held = []  # client messages that arrived while a start was under way
@@ -94,6 +96,8 @@ class KernelSession:
         now = time.monotonic()
         self.idle_since = now if status in ("idle", "ready", "exited", "uninitialized") else None
         self.busy_since = now if status == "busy" else None
+        if status != "busy":
+            self.idle_probe.not_busy()
         if status == "exited":
             self.queue.clear()
         self.channel.publish(events.status(status, reason))
@@ -372,6 +376,7 @@ class KernelSession:
             return
         self.channel.publish(msg.envelope(header_raw))
         if msg.msg_type == "execute_reply":
+            self.idle_probe.reply_arrived(msg.parent_msg_id)
             self._release_next(msg.parent_msg_id)
 
     def _release_next(self, finished_msg_id):

@@ -60,6 +60,10 @@ blank lines skipped, the first error stops the cell)::
                   (same process group; never reaped: for tree-kill tests)
   burn SECONDS    busy-loop the CPU (not interruptible)
   error           error reply ename "FakeError"
+  lose_idle [N]   publish no iopub idle at the end of this request nor of the next N-1 requests
+                  (default 1): as when ipykernel's iopub drops it (its send queue to a subscriber
+                  is full)
+  kernel_infos    stream "kernel_info_requests N\n": the kernel_info requests served so far
   anything else   echoed as stream "LINE\\n"
 
 Any Python exception while running a command (bad int, missing dir...)
@@ -296,6 +300,8 @@ class FakeKernel:
         self.interrupt_pending = False
         self.children = []
         self.sigint = None
+        self.idles_to_lose = 0  # see the lose_idle command
+        self.kernel_info_requests = 0
 
     # -- setup ------------------------------------------------------------
 
@@ -363,6 +369,7 @@ class FakeKernel:
         if msg_type == "execute_request" and sock is self.shell:
             self.execute(sock, msg)
         elif msg_type == "kernel_info_request":
+            self.kernel_info_requests += 1
             self.reply(sock, msg, "kernel_info_reply", KERNEL_INFO)
         elif msg_type == "shutdown_request":
             self.shutdown(sock, msg)
@@ -375,7 +382,10 @@ class FakeKernel:
             self.reply(sock, msg, "comm_info_reply", {"status": "ok", "comms": {}})
         elif msg_type.endswith("_request"):
             self.reply(sock, msg, msg_type[:-8] + "_reply", {"status": "ok"})
-        self.publish("status", {"execution_state": "idle"}, parent)
+        if self.idles_to_lose:
+            self.idles_to_lose -= 1
+        else:
+            self.publish("status", {"execution_state": "idle"}, parent)
 
     def reply(self, sock, msg: Message, msg_type: str, content: dict) -> None:
         self.wire.send(sock, msg_type, content, msg.header_raw, msg.idents)
@@ -465,6 +475,10 @@ class FakeKernel:
             burn(float(arg))
         elif cmd == "error":
             raise FakeError(arg or "fake error")
+        elif cmd == "lose_idle":
+            self.idles_to_lose = int(arg or 1)
+        elif cmd == "kernel_infos":
+            self.stream(f"kernel_info_requests {self.kernel_info_requests}\n", msg)
         else:
             self.stream(line + "\n", msg)
 
