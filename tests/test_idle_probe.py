@@ -94,8 +94,18 @@ def test_normal_executes_never_ask_the_kernel(start_server, open_channel):
     channel = open_channel(server, session_id)
     before = kernel_info_requests(channel)
     requests = [channel.execute(code) for code in ["print a", "flood 2000", "sleep 0.2", "error", "x"] * 4]
-    for request in requests:
-        channel.until_idle(request, timeout=60)
+    answers = {request["header"]["msg_id"]: set() for request in requests}
+
+    def all_answered(frame):
+        # (not until_idle per request: the queue releases the next request on an idle that may come
+        # before the reply, so one request's idle can arrive before the previous one's reply)
+        if frame.get("kind") == "jupyter" and (frame.get("parent_header") or {}).get("msg_id") in answers:
+            kind = frame["header"]["msg_type"]
+            if kind == "execute_reply" or (kind == "status" and frame["content"]["execution_state"] == "idle"):
+                answers[frame["parent_header"]["msg_id"]].add(kind)
+        return all(len(seen) == 2 for seen in answers.values())
+
+    channel.until(all_answered, timeout=120)
     # Longer than the probe delay after the last reply, and a round trip behind it: any probe sent
     # has been served by the time `kernel_infos` runs (shell is served in order).
     channel.execute("sleep 2.5")
