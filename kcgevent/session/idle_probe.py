@@ -43,7 +43,7 @@ class IdleProbe:
     def __init__(self, session, delay=PROBE_DELAY):
         self.session = session
         self.delay = delay  # 0 or less: never ask
-        self.lost_for = None  # msg_id of the execute whose reply came while the session was busy
+        self.lost_for = None  # msg_id of the execute whose reply came before its idle
         self.probe_id = None  # msg_id of our latest kernel_info request
         self._probe_conn = None  # the connection it went on
         self._replied = False  # its reply has arrived (its idle should follow)
@@ -94,6 +94,8 @@ class IdleProbe:
         gevent.spawn(self._send_probe, conn)
 
     def _send_probe(self, conn):
+        for old in [i for i, (c, _) in self._unanswered.items() if c.closed]:  # (kernels since replaced)
+            del self._unanswered[old]
         msg_id = wire.new_msg_id()
         self.probe_id, self._probe_conn, self._replied = msg_id, conn, False
         self._unanswered[msg_id] = (conn, set())
