@@ -122,6 +122,14 @@ def test_intervals_must_be_positive(tmp_path, flag):
     assert not connection_file.exists()
 
 
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_idle_probe_delay_must_not_be_negative(tmp_path, value):
+    connection_file = tmp_path / "conn.json"
+    result = run_cli("--idle-probe-delay", value, "--connection-file", str(connection_file))
+    assert "--idle-probe-delay" in assert_one_line_error(result)
+    assert not connection_file.exists()
+
+
 def test_port_needs_tcp(tmp_path):
     connection_file = tmp_path / "conn.json"
     result = run_cli("--port", "5000", "--transport", "socket", "--connection-file", str(connection_file))
