@@ -144,9 +144,10 @@ class KernelConnection:
             watcher = loop.io(_plain_get(sock, zmq.FD), 1)
             watcher.start(self._on_fd_signal, index)
             self._watchers.append(watcher)
-        # (repeating, restarted with again(): a one-shot gevent timer restarted after it fired once
-        # fires at once, every time)
-        self._timer = loop.timer(PUMP_IDLE_WAKE, PUMP_IDLE_WAKE)
+        # The safety net runs for the connection's life, on a grid shared by all connections: idle
+        # sessions' wake-ups coincide (one loop iteration for all), and a wait starts no timer.
+        self._timer = loop.timer(PUMP_IDLE_WAKE - time.monotonic() % PUMP_IDLE_WAKE, PUMP_IDLE_WAKE)
+        self._timer.start(self._on_wait_timeout)
 
     # -- sending -----------------------------------------------------------
 
@@ -209,7 +210,8 @@ class KernelConnection:
         self._wake()
 
     def _on_wait_timeout(self):
-        """The safety net: look at every socket."""
+        """The safety net (every PUMP_IDLE_WAKE, waiting or not) or a wait's own timeout: look at
+        every socket."""
         self._unchecked[:] = [True] * len(CHANNELS)
         self._wake()
 
@@ -225,20 +227,18 @@ class KernelConnection:
 
         The FD watchers stay started for the connection's life: starting and stopping four
         watchers and a timer around every wait cost more than the message it waited for, and
-        as each watcher names its socket, no zmq_poll of all four is needed after a wake."""
+        as each watcher names its socket, no zmq_poll of all four is needed after a wake. A wait
+        of PUMP_IDLE_WAKE relies on the safety net, which keeps running."""
         waiter = self._waiter = Waiter(self._hub)
-        if timeout == PUMP_IDLE_WAKE:
-            timer = self._timer
-            timer.again(self._on_wait_timeout)
-        else:
+        timer = None
+        if timeout != PUMP_IDLE_WAKE:
             timer = self._hub.loop.timer(timeout)
             timer.start(self._on_wait_timeout)
         try:
             waiter.get()
         finally:
             self._waiter = None
-            timer.stop()
-            if timer is not self._timer:
+            if timer is not None:
                 timer.close()
 
     def _receive(self, batch):
