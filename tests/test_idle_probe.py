@@ -75,6 +75,21 @@ def test_the_kernel_is_asked_again_when_the_answers_idle_is_lost_too(start_serve
     no_answers_to_the_servers_requests(channel.frames)
 
 
+def test_a_lost_idle_after_an_error_does_not_hold_the_queue(start_server, open_channel):
+    """After an error reply the queue waits for the idle before it sends the next request: a lost idle
+    there would hold every later execution too."""
+    server, session_id = fake_server(start_server)
+    channel = open_channel(server, session_id)
+    failed = channel.execute("lose_idle\nerror")
+    queued = channel.execute("print after")
+    frames = channel.until_idle(queued, timeout=60)
+    assert replies_to(frames, failed, "execute_reply")[0]["content"]["status"] == "error"
+    assert {"status": "idle", "reason": REASON} in [f["status"] for f in frames if status_event(f, "idle")]
+    assert stream_text(replies_to(frames, queued)) == "after\n"
+    assert not [f for f in frames if is_idle_for(f, failed)]
+    no_answers_to_the_servers_requests(frames)
+
+
 def test_a_rest_execute_whose_idle_is_lost_returns(start_server):
     server, session_id = fake_server(start_server)
     status, reply = server.client.request("POST", f"/sessions/{session_id}/execute",

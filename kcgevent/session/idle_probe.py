@@ -7,20 +7,21 @@ the kernel publishes faster than its socket to us drains, for longer than the OS
 between can absorb: a burst of small messages on a busy machine (measured: flushed prints over ipc
 lost hundreds to thousands of messages in 3 runs of 8; tests/test_idle_probe.py freezes the server
 to lose an idle on purpose). Our SUB takes everything (RCVHWM 0, read by libzmq's own I/O thread,
-which needs no GIL), but it cannot get back what the kernel never sent. When the `idle` that ends
-an execution is among what goes, the session would stay `busy` for good: GET /status says busy,
-idle shutdown never comes, and a REST execute waits for that idle until its own deadline.
+which needs no GIL), but it cannot get back what the kernel never sent. When the `idle` that ends an
+execution is among what goes, the session would stay `busy` for good: GET /status says busy, idle
+shutdown never comes, and a REST execute waits for that idle until its own deadline.
 
 The check costs nothing per message: when the execute_reply of the queue's active request arrives
 before its idle (as usual: the idle follows within milliseconds), a timer is armed; the session
-leaving `busy` stops it before it fires. If it fires with the session still busy and no execution
-of the queue active, we ask the kernel: a kernel_info_request of our own on shell, which waits there
-behind whatever the kernel is still doing, and whose answers are never relayed
+leaving `busy` stops it before it fires. If it fires with the session still busy and no later
+execution of the queue under way (after an error reply the queue waits for the idle, so it may still
+hold the request whose idle is lost), we ask the kernel: a kernel_info_request of our own on shell,
+which waits there behind whatever the kernel is still doing, and whose answers are never relayed
 (`KernelConnection.internal`). The iopub `idle` of that request is the kernel itself saying it is
 idle now: the session becomes `idle` (clients get the supervisor's `status` event; no Jupyter
-message is made up), the lost idle is logged as a warning, and a history entry or REST execute
-waiting for that idle is completed. If that idle is lost too, we ask again, PROBE_ATTEMPTS times
-in all.
+message is made up), the lost idle is logged as a warning, a history entry or REST execute waiting
+for that idle is completed, and the queue moves on. If that idle is lost too, we ask again,
+PROBE_ATTEMPTS times in all.
 """
 import logging
 
@@ -82,8 +83,9 @@ class IdleProbe:
         self._timer.stop()
         session = self.session
         conn = session.connection
-        if session.status != "busy" or conn is None or session.queue.active is not None:
-            return  # not our case: an execution is under way, or the status moved on
+        active = session.queue.active
+        if session.status != "busy" or conn is None or (active is not None and active.msg_id != self.lost_for):
+            return  # not our case: the next execution is under way, or the status moved on
         if self.probe_id is not None and self._probe_conn is conn and not self._replied:
             return  # the kernel has not reached our request yet: it is busy (its reply re-arms)
         if self._attempts >= PROBE_ATTEMPTS:
@@ -157,3 +159,4 @@ class IdleProbe:
                 collector.observe("status", IDLE)
         session.set_status("idle", REASON)
         session._check_working_directory()
+        session._release_next(lost)  # (after an error reply the queue waits for the idle)

@@ -377,7 +377,10 @@ class KernelSession:
         self.channel.publish(msg.envelope(header_raw))
         if msg.msg_type == "execute_reply":
             self.idle_probe.reply_arrived(msg.parent_msg_id)
-            self._release_next(msg.parent_msg_id)
+            if msg.content.get("status") == "ok":
+                # (After an error the next waits for the idle: ipykernel, stop_on_error, aborts what
+                # reaches it before it has finished with the failed request, which the idle tells.)
+                self._release_next(msg.parent_msg_id)
 
     def _release_next(self, finished_msg_id):
         nxt = self.queue.finished(finished_msg_id)
