@@ -247,10 +247,11 @@ def test_the_guardian_asks_for_the_parent_death_signal_itself(tmp_path):
     status_file = tmp_path / "status.json"
     started, ended = [], []
     native_sleep = monkey.get_original("time", "sleep")
+    posix_spawn = monkey.get_original("os", "posix_spawn")  # (gevent's would watch the child from this thread)
 
     def spawn_and_end():  # a native thread: it ends once the guardian has said it runs
         try:
-            started.append(os.posix_spawn(PYTHON, [PYTHON, "-I", "-S", GUARDIAN, "--dir", str(tmp_path),
+            started.append(posix_spawn(PYTHON, [PYTHON, "-I", "-S", GUARDIAN, "--dir", str(tmp_path),
                                                    "--parent", str(os.getpid())], dict(os.environ), setsid=True))
             deadline = time.monotonic() + 10
             while not status_file.exists() and time.monotonic() < deadline:

@@ -20,6 +20,7 @@ import signal
 import sys
 
 import gevent
+from gevent import monkey
 from gevent.event import Event
 
 # Popen's restore_signals: what Python ignores, the child gets back at the default.
@@ -80,12 +81,13 @@ def spawn(argv, env=None):
     out_r, out_w = _pipe()
     err_r, err_w = _pipe()
     try:
-        pid = os.posix_spawn(
+        # (gevent's patched posix_spawn would start a watcher of its own, which we do not use)
+        pid = monkey.get_original("os", "posix_spawn")(
             path, list(argv), env,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                           (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
             setsid=True, setsigmask=(), setsigdef=_RESET_SIGNALS)
-        watcher = hub.loop.child(pid, False)  # before anything yields to the hub
+        watcher = hub.loop.child(pid)  # before anything yields to the hub (referenced, as gevent's Popen does)
     except BaseException:
         for fd in (out_r, err_r):
             os.close(fd)
