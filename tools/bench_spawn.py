@@ -28,7 +28,8 @@ per round), so that drift in the machine's load hits both alike; the windows of 
 --mechanisms N instead compares the two ways KernelProcess.spawn starts a process, in a process of its own
 that has loaded what a server loads (not inside a server): a greenlet ticks the hub and the worst gap
 within 50 ms of each start of /bin/sleep is kept, for posix_spawn (the guardian's path), gevent's Popen
-with the pre-exec hook (a Python-level fork), and no spawn at all (the control).
+with the pre-exec hook (a Python-level fork), and no spawn at all (the control); --ballast MIB makes that
+process hold more memory, as a server with many sessions does (what a fork copies grows with it).
 
 Every process started is killed at the end (benchkit's Reaper), also on failure or Ctrl-C.
 """
@@ -201,6 +202,9 @@ import gevent, zmq
 import kcgevent.server, kcgevent.session.session  # what a server has loaded (its memory is what a fork copies)
 from kcgevent.session.process import KernelProcess, plan_startup
 context = zmq.Context.instance()  # and ZeroMQ's threads
+ballast = bytearray(int(sys.argv[2]) << 20)  # a server holding more memory (sessions, logs): --ballast MiB
+for page in range(0, len(ballast), 4096):
+    ballast[page] = 1
 gaps = []
 def ticker():
     last = time.perf_counter()
@@ -235,12 +239,12 @@ print(json.dumps({how: {"worst_gap_median_ms": round(1e3 * statistics.median(w),
 """
 
 
-def run_mechanisms(spawns):
+def run_mechanisms(spawns, ballast_mib=0):
     """The hub's worst gap within 50 ms of starting /bin/sleep by each path of KernelProcess.spawn, in a
     process that has loaded what a server loads; "none" (no spawn) is the control."""
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    child = REAPER.track(subprocess.Popen([PYTHON, "-c", MECHANISMS_CHILD, str(spawns)], stdout=subprocess.PIPE,
-                                          env=env))
+    child = REAPER.track(subprocess.Popen([PYTHON, "-c", MECHANISMS_CHILD, str(spawns), str(ballast_mib)],
+                                          stdout=subprocess.PIPE, env=env))
     out, _ = child.communicate(timeout=60 + spawns)
     if child.returncode:
         raise RuntimeError(f"the mechanisms run failed ({child.returncode})")
@@ -261,6 +265,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, help="rounds per side (default 1; with --baseline 3)")
     p.add_argument("--mechanisms", type=int, metavar="N", help="instead: N spawns by each path of KernelProcess."
                    "spawn (posix_spawn, fork + preexec_fn) and none, in a server-like process: the hub's worst gap")
+    p.add_argument("--ballast", type=int, default=0, metavar="MIB",
+                   help="with --mechanisms: the process also holds this much more memory (a busier server)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory (server log)")
     p.add_argument("--probe", nargs=3, metavar=("INFO", "SESSION", "OUT"), help=argparse.SUPPRESS)
@@ -312,7 +318,7 @@ def main(argv=None):
                           "loadavg_start": os.getloadavg()}}
     try:
         if opts.mechanisms:
-            results["mechanisms"] = run_mechanisms(opts.mechanisms)
+            results["mechanisms"] = run_mechanisms(opts.mechanisms, opts.ballast)
             print(json.dumps(results, indent=2))
             failed = False
             return 0
