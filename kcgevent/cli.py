@@ -83,6 +83,11 @@ def serve(port=0, token=None, log_file=None, connection_file=None, handshake_soc
     if version:
         print(f"kcgevent {__version__} (Kallichore API {VERSION})")
         return
+    for flag, seconds in (("--ping-interval", ping_interval), ("--heartbeat-interval", heartbeat_interval),
+                          ("--heartbeat-timeout", heartbeat_timeout)):
+        if not seconds > 0:  # (0 would make a busy loop of the pings)
+            print(f"Error: {flag} must be a positive number of seconds (got {seconds:g})", file=sys.stderr)
+            sys.exit(1)
     config = ServerConfig(idle_shutdown_hours=idle_shutdown_hours,
                           resource_sample_interval_ms=max(0, resource_sample_interval),
                           log_level=log_level, buffer_limit=buffer_limit, buffer_bytes=buffer_bytes,

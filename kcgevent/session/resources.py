@@ -7,9 +7,15 @@ busy threads may exceed 100 and the result does not depend on how many sessions 
 
 import collections
 import os
+import sys
 import time
 
 import psutil
+
+IS_LINUX = sys.platform.startswith("linux")
+if IS_LINUX:
+    _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+    _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 _Reading = collections.namedtuple("_Reading", "pid create_time cpu_seconds rss threads")
 
@@ -34,7 +40,7 @@ class ResourceSampler:
         result = {}
         for key, root in pids_by_key.items():
             now = time.monotonic()  # (per tree: `between` may let time pass)
-            readings = [r for r in map(_read, _tree(root)) if r is not None]
+            readings = _tree(root)
             if not readings:
                 continue
             cpu = sum(self._cpu_rate(r, now) for r in readings)
@@ -62,31 +68,33 @@ class ResourceSampler:
 
 
 def _tree(root_pid):
-    """The root and its descendants; empty if the root is gone.
+    """_Readings of the root and its descendants; empty if the root is gone.
 
-    On Linux the tree is walked through /proc/<pid>/task/<tid>/children, which
-    touches only our kernels' processes; psutil's children() scans the whole
-    process table, which is what made Kallichore's sampling expensive on busy
-    hosts. Elsewhere psutil is used.
+    On Linux the tree is walked through /proc/<pid>/task/<tid>/children and each process is read
+    from its /proc/<pid>/stat alone, which touches only our kernels' processes (psutil's
+    children() scans the whole process table, which is what made Kallichore's sampling expensive
+    on busy hosts) and costs one file per process (psutil's oneshot reads three, through a
+    Process object: a pass over 100 kernels took 34 ms of the server's one core). Elsewhere
+    psutil is used.
     """
+    if IS_LINUX:
+        root = _read_proc_stat(root_pid)
+        if root is None:
+            return []
+        found, pending = [root], [root_pid]
+        while pending:
+            for child in _proc_children(pending.pop()):
+                reading = _read_proc_stat(child)
+                if reading is not None:
+                    found.append(reading)
+                    pending.append(child)
+        return found
     try:
         root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return []
-    if not os.path.isdir(f"/proc/{root_pid}/task"):
-        try:
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return [root]
-    found, pending = [root], [root_pid]
-    while pending:
-        for child in _proc_children(pending.pop()):
-            try:
-                found.append(psutil.Process(child))
-                pending.append(child)
-            except psutil.Error:
-                pass
-    return found
+    return [r for r in map(_read_psutil, procs) if r is not None]
 
 
 def _proc_children(pid):
@@ -98,18 +106,34 @@ def _proc_children(pid):
         return children
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                children.extend(int(c) for c in f.read().split())
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                children.extend(map(int, f.read().split()))
         except OSError:
             pass
     return children
 
 
-def _read(proc):
-    """A _Reading, or None if the process vanished or access is denied.
+def _read_proc_stat(pid):
+    """A _Reading from /proc/<pid>/stat (proc(5)), or None if the process is gone.
 
+    create_time is the start time in clock ticks since boot: only compared, to tell a reused pid.
+    RSS is the kernel's cached counter, which may lag /proc/<pid>/statm's by a few pages.
     Children's CPU times (of reaped children) are excluded: they would appear as a spike.
     """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: the fields after it follow the last ")"
+    fields = data[data.rindex(b")") + 2:].split()
+    # fields[0] is field 3 (state): utime is field 14, stime 15, num_threads 20, starttime 22, rss 24
+    return _Reading(pid, int(fields[19]), (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS,
+                    int(fields[21]) * _PAGE_SIZE, int(fields[17]))
+
+
+def _read_psutil(proc):
+    """A _Reading, or None if the process vanished or access is denied."""
     try:
         with proc.oneshot():
             times = proc.cpu_times()

@@ -371,7 +371,9 @@ class KernelSession:
                 self._release_next(msg.parent_msg_id)
             return
         self.channel.publish(msg.envelope(header_raw))
-        if msg.msg_type == "execute_reply":
+        if msg.msg_type == "execute_reply" and msg.content.get("status") == "ok":
+            # (After an error the next waits for the idle: ipykernel, stop_on_error, aborts what
+            # reaches it before it has finished with the failed request, which the idle tells.)
             self._release_next(msg.parent_msg_id)
 
     def _release_next(self, finished_msg_id):

@@ -358,6 +358,12 @@ class FakeKernel:
     def dispatch(self, sock, msg: Message) -> None:
         """Busy, handle, idle: the envelope clients use to know we're done."""
         parent = msg.header_raw
+        if msg.msg_type == "execute_request" and sock is self.shell:
+            # An interrupt from before this execution is not for it; one that arrives once its
+            # busy is out (even before a sleep starts) interrupts it, as in ipykernel. (Forgotten
+            # after the busy, an interrupt sent by a client that saw the busy could be lost.)
+            self.interrupt_pending = False
+            self.sigint.drain()
         self.publish("status", {"execution_state": "busy"}, parent)
         msg_type = msg.msg_type
         if msg_type == "execute_request" and sock is self.shell:
@@ -403,10 +409,6 @@ class FakeKernel:
     def execute(self, sock, msg: Message) -> None:
         content = msg.content
         code = content.get("code", "")
-        # An interrupt from before this execution is not for it; one that arrives
-        # while it runs (even before a sleep starts) interrupts it, as in ipykernel.
-        self.interrupt_pending = False
-        self.sigint.drain()
         if not content.get("silent", False):
             self.execution_count += 1
             self.publish("execute_input",

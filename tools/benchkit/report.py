@@ -163,7 +163,7 @@ def memory_lines(results):
 
 def paces(conc):
     """The pacings (think ms, as keys) a concurrency result holds, closed loop first."""
-    return sorted((k for k in conc if k not in ("create_s", "error")), key=float)
+    return sorted((k for k in conc if k not in ("create_s", "idle", "error")), key=float)
 
 
 def concurrency_lines(results):
@@ -252,6 +252,10 @@ def table_rows(results, transport):
         rows.append(("growth per kernel incl. helpers' USS (MiB)", *m("per_kernel_with_helpers_uss_mib"), 3))
     conc = {s: _get(res, "concurrency", s) for s in ("kcserver", "kcgevent")}
     conc = {s: c for s, c in conc.items() if c and "error" not in c}
+    if any("idle" in c for c in conc.values()):
+        n = next(c[t]["many"]["sessions"] for c in conc.values() for t in paces(c))
+        rows.append((f"{n} idle sessions: server CPU (% of a core)",
+                     *[None] + [_get(conc.get(s), "idle", "server_pct") for s in ("kcserver", "kcgevent")], 2))
     thinks = sorted({t for c in conc.values() for t in paces(c)}, key=float)
     for think in thinks:
         def c(*keys):

@@ -160,6 +160,8 @@ def concurrency(kind, transport, workdir, kcserver, sessions, processes, n_each,
         ids = start_many(server, sessions, fake_session_body, parallel=10)
         out["create_s"] = time.perf_counter() - t0
         log(f"    {kind}: {sessions} sessions started in {out['create_s']:.1f} s")
+        out["idle"] = idle_cpu(server, IDLE_SECONDS)
+        log(f"    {kind}: {sessions} idle sessions: server {out['idle']['server_pct']:.2f}% CPU")
         for think in thinks:
             single = run_load(server, ids[:1], 1, n_single if not think else min(n_single, PACED_SINGLE_MAX),
                               warmup, think)
@@ -170,6 +172,18 @@ def concurrency(kind, transport, workdir, kcserver, sessions, processes, n_each,
     finally:
         server.stop()
     return out
+
+
+IDLE_SECONDS = 10.0
+
+
+def idle_cpu(server, seconds):
+    """CPU % of wall the server (and its helpers) use while its sessions' kernels idle and no client is
+    connected: heartbeats, timers, watchers (what a laptop pays for kernels left open)."""
+    time.sleep(1.0)  # the starts' after-effects settle
+    with CpuMeter(server=server.pid, helpers=server.helper_pids()) as m:
+        time.sleep(seconds)
+    return {f"{k}_pct": 100 * v / m.wall for k, v in m.used.items() if k != "client"} | {"seconds": m.wall}
 
 
 def pair(single, many):
