@@ -6,6 +6,7 @@ monkey.patch_all()
 import fcntl  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import gevent  # noqa: E402
@@ -155,6 +156,123 @@ def test_the_guardian_ends_the_tree_when_its_parent_dies(tmp_path):
         server.kill()
         server.wait(5)
         server.stdout.close()
+
+
+FORKS = []  # every Python-level fork of this process (os.fork, or a Popen with a preexec_fn) appends here
+os.register_at_fork(before=lambda: FORKS.append(1))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_spawn is used on Linux")
+def test_a_kernel_start_does_not_fork_the_server_in_python(tmp_path):
+    """The guardian is started with posix_spawn (a Python-level fork holds the hub, and every other
+    session with it, for milliseconds): no fork hook runs. The guardian still starts the kernel in the
+    session's working directory and keeps none of the server's inheritable descriptors."""
+    workdir = tmp_path / "the work dir"
+    workdir.mkdir()
+    leaked_r, leaked_w = os.pipe()
+    os.set_inheritable(leaked_w, True)  # what a careless C library might leave us
+    rec = Recorder()
+    launcher = LocalLauncher(rec.output, rec.exit, str(tmp_path / "kernel"))
+    forks = len(FORKS)
+    try:
+        launcher.start(LaunchRequest([PYTHON, "-c", "import os, time; print(os.getcwd(), flush=True); "
+                                      "time.sleep(600)"], dict(os.environ), str(workdir), ""))
+        assert len(FORKS) == forks
+        gwait(lambda: rec.lines, 15, "the kernel's first line")
+        assert rec.lines == [("stdout", f"{workdir}\n")]
+        guardian = launcher._guardian_pid
+        assert sorted(int(fd) for fd in os.listdir(f"/proc/{guardian}/fd")) == [0, 1, 2]
+        assert os.getpgid(guardian) == os.getsid(guardian) == guardian  # it leads a session of its own
+        kernel = launcher.pid
+        assert launcher.kill() is True
+        wait_gone([kernel, guardian])
+    finally:
+        os.close(leaked_r)
+        os.close(leaked_w)
+        launcher.kill()
+        launcher.cleanup()
+
+
+def test_a_kernel_start_in_a_missing_directory_is_a_launch_error(tmp_path):
+    """The guardian enters the working directory itself: one that went away between the check and the
+    start is reported as the OS error, as a spawn in it would have been."""
+    import kcgevent.session.process as process
+    workdir = tmp_path / "gone"
+    workdir.mkdir()
+    plan_startup = process.plan_startup
+
+    def plan_then_remove(*args, **kwargs):
+        plan = plan_startup(*args, **kwargs)
+        workdir.rmdir()
+        return plan
+    rec = Recorder()
+    launcher = LocalLauncher(rec.output, rec.exit, str(tmp_path / "kernel"))
+    process.plan_startup = plan_then_remove
+    try:
+        with pytest.raises(LaunchError) as err:
+            launcher.start(LaunchRequest([PYTHON, "-c", "print('ran')"], dict(os.environ), str(workdir), ""))
+    finally:
+        process.plan_startup = plan_startup
+    assert err.value.errno == 2 and err.value.message.endswith("No such file or directory (os error 2)")
+    assert rec.lines == [] and rec.exits == []
+
+
+def test_a_guardian_whose_server_is_already_gone_starts_no_kernel(tmp_path):
+    """Between the server's spawn and the guardian's own PR_SET_PDEATHSIG the server may die: the
+    guardian sees a parent other than --parent and ends without starting the kernel."""
+    import subprocess
+    from kcgevent.session.launcher import GUARDIAN
+    marker = tmp_path / "kernel-ran"
+    (tmp_path / "argv").write_bytes(b"\0".join(os.fsencode(arg) for arg in [
+        PYTHON, "-c", f"open({str(marker)!r}, 'w').close()"]))
+    gone = subprocess.Popen([PYTHON, "-c", "pass"])
+    gone.wait(10)
+    guardian = subprocess.Popen([PYTHON, "-I", "-S", GUARDIAN, "--dir", str(tmp_path), "--parent", str(gone.pid)])
+    try:
+        assert guardian.wait(10) == 1
+        assert not marker.exists() and not (tmp_path / "status.json").exists()
+    finally:
+        guardian.kill()
+        guardian.wait(5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_the_guardian_asks_for_the_parent_death_signal_itself(tmp_path):
+    """Started with posix_spawn, nothing sets PR_SET_PDEATHSIG for the guardian but the guardian. The
+    signal is observable alone when the *thread* that started it ends while the process lives on (then
+    getppid() does not change): the guardian must end its kernel's tree and itself."""
+    import json
+    from kcgevent.session.launcher import GUARDIAN
+    (tmp_path / "argv").write_bytes(b"\0".join(os.fsencode(arg) for arg in ["sleep", "600"]))
+    status_file = tmp_path / "status.json"
+    started, ended = [], []
+    native_sleep = monkey.get_original("time", "sleep")
+    posix_spawn = monkey.get_original("os", "posix_spawn")  # (gevent's would watch the child from this thread)
+
+    def spawn_and_end():  # a native thread: it ends once the guardian has said it runs
+        try:
+            started.append(posix_spawn(PYTHON, [PYTHON, "-I", "-S", GUARDIAN, "--dir", str(tmp_path),
+                                                   "--parent", str(os.getpid())], dict(os.environ), setsid=True))
+            deadline = time.monotonic() + 10
+            while not status_file.exists() and time.monotonic() < deadline:
+                native_sleep(0.01)
+        finally:
+            ended.append(True)
+    monkey.get_original("_thread", "start_new_thread")(spawn_and_end, ())
+    try:
+        wait_for(lambda: ended, 15, "the thread to end")
+        status = json.loads(status_file.read_text())
+        wait_gone([started[0], status["kernel_pid"]])
+    finally:
+        for pid in started:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
 
 
 def test_delivered_output_gives_its_disk_space_back(tmp_path):

@@ -352,6 +352,35 @@ def test_kernel_dies_with_server():
             kill_pids(kernel_pid)
 
 
+@pytest.mark.skipif(not IS_LINUX, reason="posix_spawn is used on Linux")
+def test_a_program_that_guards_itself_is_spawned_without_a_fork(tmp_path):
+    """StartupPlan.guards_itself (the guardian's plan): posix_spawn, no Python-level fork of the server
+    (no fork hook runs), the same pipes, exit codes, signals and errors as the Popen path."""
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(1))
+
+    def spawn(argv):
+        plan = plan_startup(argv, resolve_env([]), None, "none")
+        plan.guards_itself = True
+        output = Collector()
+        return KernelProcess.spawn(plan, output), output
+    kernel, output = spawn(python("""
+        import os, sys
+        print("out", os.getpgid(0) == os.getsid(0) == os.getpid(), flush=True)
+        sys.stderr.write("err\\n")
+        sys.exit(3)
+    """))
+    assert kernel.wait(10) == 3
+    assert (output.text("stdout"), output.text("stderr")) == ("out True\n", "err\n")
+    sleeper, _ = spawn(["sleep", "600"])  # (looked up in PATH)
+    assert sleeper.wait(0.1) is None
+    assert sleeper.kill_tree(timeout=5) and sleeper.exit_code == -1
+    with pytest.raises(SpawnError) as err:
+        spawn([str(tmp_path / "no-such-program")])
+    assert err.value.errno == 2 and err.value.message == "No such file or directory (os error 2)"
+    assert forks == []
+
+
 def test_pid_alive():
     assert pid_alive(os.getpid())
     done = subprocess.Popen([PY, "-c", "pass"])

@@ -7,6 +7,10 @@ library only, no kcgevent import: it starts in a few milliseconds and no kernel 
 it; not even `json`, whose import takes longer than the rest and 1.3 MiB: every kernel start waits for
 it, and every kernel has a guardian). It
 
+- is started by the server with posix_spawn, not a fork (process.py, native_spawn.py), so it does
+  itself what a pre-exec hook would have done: it closes every descriptor it inherited beyond stdio,
+  takes the server's pid (``--parent``) and asks for SIGTERM when the server dies (PR_SET_PDEATHSIG;
+  SIGUSR1 with ``--lock``), and starts the kernel in ``--cwd``;
 - starts the kernel as its child, in its own process group (the group the server signals for an
   interrupt), with SIGINT/SIGTERM/SIGPIPE back at their defaults;
 - is the child subreaper (Linux) of everything below it, so a process the kernel starts and then
@@ -232,8 +236,9 @@ def reap(kernel_pid):
             status = code
 
 
-def spawn(argv, output_dir):
-    """Fork and exec the kernel; raise OSError (errno from exec) if it could not be started."""
+def spawn(argv, output_dir, cwd=None):
+    """Fork and exec the kernel (in `cwd`); raise OSError (errno from chdir or exec) if it could not be
+    started."""
     read_end, write_end = os.pipe()
     os.set_inheritable(write_end, False)
     pid = os.fork()
@@ -248,6 +253,8 @@ def spawn(argv, output_dir):
                     out = os.open(os.path.join(output_dir, name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                     os.dup2(out, fd)
                     os.close(out)
+            if cwd:
+                os.chdir(cwd)
             os.execvp(argv[0], argv)
         except OSError as exc:
             os.write(write_end, b"%d %s" % (exc.errno or 0, (exc.strerror or str(exc)).encode()))
@@ -263,13 +270,24 @@ def spawn(argv, output_dir):
     return pid
 
 
+def close_inherited():
+    """Close every descriptor above stdio: posix_spawn passed on whatever the server had inheritable (Python
+    makes none, a C library might), and neither we nor the kernel should hold it."""
+    try:
+        top = max(int(name) for name in os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        top = os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 256
+    os.closerange(3, top + 1)
+
+
 def parse(args):
-    options = {"lock": None, "grace": 0.0, "output": None, "dir": None}
+    options = {"lock": None, "grace": 0.0, "output": None, "dir": None, "parent": None, "cwd": None}
     while args:
         name, value = args[0], args[1]
         options[name.lstrip("-")] = value
         args = args[2:]
     options["grace"] = float(options["grace"])
+    options["parent"] = int(options["parent"] or os.getppid())
     with open(os.path.join(options["dir"], "argv"), "rb") as f:
         return options, [os.fsdecode(arg) for arg in f.read().split(b"\0")]
 
@@ -286,21 +304,25 @@ def mirror_exit(status):
 
 
 def main(args):
+    close_inherited()
     options, argv = parse(args)
     directory = options["dir"]
-    parent = os.getppid()
+    parent = options["parent"]
     watched = [signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1]
     wait_signal = signal_waiter(watched)
-    if options["lock"]:
-        # Our supervisor may die and come back; the lock tells. Its death wakes us at once (SIGUSR1),
-        # so that we listen to iopub as early as we can.
-        prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1))
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGUSR1)
+    # The supervisor's death wakes us at once. Without a state dir it is the end (SIGTERM: the tree is
+    # ended); with one, the supervisor may come back and the lock tells (SIGUSR1), and we listen to
+    # iopub as early as we can.
+    prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1 if options["lock"] else signal.SIGTERM))
+    if os.getppid() != parent:  # it died before the prctl
+        if not options["lock"]:
+            remove_session_files(directory)
+            os._exit(1)  # no one to start the kernel for
+        os.kill(os.getpid(), signal.SIGUSR1)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts are for the kernel, our group mate
     try:
-        kernel = spawn(argv, options["output"])
+        kernel = spawn(argv, options["output"], options["cwd"])
     except OSError as exc:
         write_status(directory, {"guardian_pid": os.getpid(), "spawn_error": [exc.errno, exc.strerror]})
         os._exit(127)

@@ -277,7 +277,10 @@ class LocalLauncher(KernelLauncher):
             with open(os.open(os.path.join(self.workdir, "argv"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                               0o600), "wb") as f:
                 f.write(b"\0".join(os.fsencode(arg) for arg in plan.command))  # (the guardian reads it)
-            plan = dataclasses.replace(plan, command=self._guardian_command())
+            # The guardian ties itself to us (--parent) and enters the kernel's directory itself, so it
+            # is started without a fork of the server (process.uses_native_spawn).
+            plan = dataclasses.replace(plan, command=self._guardian_command(plan.cwd), cwd=None,
+                                       guards_itself=True)
         self._starting = True
         try:
             self._process = proc_mod.KernelProcess.spawn(plan, self._on_process_output, on_exit=self._on_process_exit)
@@ -299,8 +302,10 @@ class LocalLauncher(KernelLauncher):
         if self.durable:
             self._tail = gevent.spawn(self._run_tail)
 
-    def _guardian_command(self):
-        argv = [sys.executable, "-I", "-S", GUARDIAN, "--dir", self.workdir]
+    def _guardian_command(self, cwd):
+        argv = [sys.executable, "-I", "-S", GUARDIAN, "--dir", self.workdir, "--parent", str(os.getpid())]
+        if cwd:
+            argv += ["--cwd", cwd]
         if self.lock:
             argv += ["--lock", self.lock, "--grace", str(self.grace)]
         if self.durable:

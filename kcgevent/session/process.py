@@ -10,7 +10,11 @@ Where Kallichore is buggy (section 7, items 10, 15, 20) we differ on purpose:
 - stdin is /dev/null, the kernel leads its own session/process group (so the whole tree can be
   signalled), and on Linux it receives SIGTERM when the server dies.
 
-Everything here is cooperative: gevent's subprocess, reader greenlets, an exit-watcher greenlet.
+Everything here is cooperative: reader greenlets, an exit-watcher greenlet. A program that ends
+itself with the server (``StartupPlan.guards_itself``: our guardian) is started with posix_spawn
+(native_spawn.py), which does not hold the hub; anything else with gevent's subprocess, whose
+Python-level fork does (for a few ms), but which can run the pre-exec hook that ties the child to the
+server (PR_SET_PDEATHSIG).
 """
 
 import collections
@@ -30,6 +34,8 @@ import psutil
 from gevent import subprocess
 from gevent.event import Event
 from gevent.socket import wait_read
+
+from . import native_spawn
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,9 @@ class StartupPlan:
     shell: Optional[str] = None
     mode: str = "none"
     arg: Optional[str] = None
+    # The program ends itself when the server dies (the guardian: --parent) and takes no working
+    # directory (``cwd`` must be None): it needs no pre-exec hook, so it is started without a fork.
+    guards_itself: bool = False
 
 
 def plan_startup(argv, env, working_directory, startup_environment="none",
@@ -265,6 +274,18 @@ def _platform_spawn_options():
     return options
 
 
+def uses_native_spawn(plan):
+    """Whether ``plan`` is started with posix_spawn (no fork on the hub) rather than gevent's Popen.
+
+    Only a program that guards itself: any other needs the pre-exec hook (Linux) for the orphan
+    guarantee. Windows keeps gevent's Popen (no fork there anyway)."""
+    if not plan.guards_itself or IS_WINDOWS or not native_spawn.available():
+        return False
+    if plan.cwd is not None:
+        raise ValueError("a program that guards itself takes its working directory as an argument")
+    return True
+
+
 # ---------------------------------------------------------------------------------------------
 # Process helpers
 
@@ -331,9 +352,12 @@ class KernelProcess:
     def spawn(cls, plan, on_output, on_exit=None):
         """Start ``plan``; raises SpawnError if the OS refuses."""
         try:
-            popen = subprocess.Popen(
-                plan.command, cwd=plan.cwd, env=plan.env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, **_platform_spawn_options())
+            if uses_native_spawn(plan):
+                popen = native_spawn.spawn(plan.command, plan.env)
+            else:
+                popen = subprocess.Popen(
+                    plan.command, cwd=plan.cwd, env=plan.env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, **_platform_spawn_options())
         except OSError as err:
             raise SpawnError(err.errno, _os_error_text(err)) from err
         except (subprocess.SubprocessError, ValueError) as err:

@@ -59,8 +59,9 @@ def new_id(prefix):
 class Server:
     """One running server: kind "kcgevent" (python -m kcgevent) or "kcserver" (the Rust binary)."""
 
-    def __init__(self, kind, transport, workdir, extra_args=(), kcserver=None):
+    def __init__(self, kind, transport, workdir, extra_args=(), kcserver=None, root=None):
         self.kind = kind
+        self.root = root or ROOT  # the kcgevent checkout to run (another one: an A/B comparison)
         self.transport = transport
         tag = f"{kind}-{transport}-{uuid.uuid4().hex[:6]}"
         self.connection_file = os.path.join(workdir, f"server-{tag}.json")
@@ -85,10 +86,10 @@ class Server:
 
     def launch(self):
         """Run the server's command line (again) and wait until it serves."""
-        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        env = {**os.environ, "PYTHONPATH": self.root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "TMPDIR": self.tmpdir}
         self.process = REAPER.track(subprocess.Popen(self.cmd, stdout=self.out, stderr=subprocess.STDOUT,
-                                                     stdin=subprocess.DEVNULL, cwd=ROOT, env=env))
+                                                     stdin=subprocess.DEVNULL, cwd=self.root, env=env))
         deadline = time.monotonic() + 20
         self.info = None
         while self.info is None:
