@@ -277,12 +277,13 @@ class KernelConnection:
         for index, frames in self._receive(1 << 30):
             yield CHANNELS[index], frames
 
-    def start_pump(self, on_message):
-        """Spawn the greenlet that hands every kernel message to `on_message`."""
-        self._pump = gevent.spawn(self._run_pump, on_message)
+    def start_pump(self, on_message, on_pass=None):
+        """Spawn the greenlet that hands every kernel message to `on_message`, and calls
+        `on_pass()` after each pass over the sockets (to write what the pass produced)."""
+        self._pump = gevent.spawn(self._run_pump, on_message, on_pass)
         return self._pump
 
-    def _run_pump(self, on_message):
+    def _run_pump(self, on_message, on_pass):
         unchecked = self._unchecked
         unchecked[:] = [True] * len(CHANNELS)  # whatever came before, look everywhere once
         try:
@@ -298,6 +299,8 @@ class KernelConnection:
                             unchecked[index] = True
                         if self.closed:
                             return
+                if on_pass is not None:
+                    on_pass()
                 if any(unchecked):
                     # More to read: first let the WebSocket writer, HTTP and pings run (a
                     # flooding kernel must not starve them).

@@ -312,7 +312,7 @@ class KernelSession:
         self._adopt_prompts(self.kernel_info)
         for msg, raw in early:
             self._on_kernel_message(msg, raw)
-        conn.start_pump(self._on_kernel_message)
+        conn.start_pump(self._on_kernel_message, self.channel.flush_now)
         config = self.supervisor.config
         conn.start_heartbeat(self._on_heartbeat, config.heartbeat_interval, config.heartbeat_timeout)
         self.set_status("idle", "kernel_info_reply")
@@ -692,7 +692,7 @@ class KernelSession:
             self.kernel_info = reply
             if self.status in ("busy", "offline"):
                 self.set_status("idle", "kernel_info_reply after a supervisor restart")
-        conn.start_pump(relay)
+        conn.start_pump(relay, self.channel.flush_now)
         config = self.supervisor.config
         conn.start_heartbeat(self._on_heartbeat, config.heartbeat_interval, config.heartbeat_timeout)
 
