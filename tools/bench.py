@@ -33,7 +33,6 @@ recorded by pid and killed at exit, also on Ctrl-C, SIGTERM or failure.
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import time
 from benchkit import workloads
 from benchkit.direct import DirectKernel
 from benchkit.durable import bench_durable, report_durable
-from benchkit.procs import REAPER, SCRATCH_DIRS
+from benchkit.procs import REAPER, remove_scratch
 from benchkit.report import report
 from benchkit.servers import Channel, Server, fake_session_body, find_kcserver, ipykernel_session_body, new_id
 
@@ -308,12 +307,7 @@ def main(argv=None):
         if opts.output and text is not None:
             with open(opts.output, "w") as f:
                 f.write(text + "\n")
-        if (failed and not interrupted) or opts.keep:
-            print(f"work directory (logs): {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        for path in SCRATCH_DIRS:
-            shutil.rmtree(path, ignore_errors=True)
+        remove_scratch(workdir, keep=(failed and not interrupted) or opts.keep)
     return 1 if failed else 0
 
 

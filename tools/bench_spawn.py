@@ -38,7 +38,6 @@ import collections
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -48,7 +47,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchkit.procs import REAPER, SCRATCH_DIRS  # noqa: E402
+from benchkit.procs import REAPER, remove_scratch  # noqa: E402
 from benchkit.servers import PYTHON, Channel, Server, fake_session_body, new_id  # noqa: E402
 
 
@@ -344,12 +343,7 @@ def main(argv=None):
         if opts.json:
             with open(opts.json, "w") as f:
                 json.dump(results, f, indent=2)
-        if failed or opts.keep:
-            print(f"work directory (logs): {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-        for path in SCRATCH_DIRS:
-            shutil.rmtree(path, ignore_errors=True)
+        remove_scratch(workdir, keep=failed or opts.keep)
     return 1 if failed else 0
 
 

@@ -1,4 +1,5 @@
 """Processes the benchmark starts (all killed at the end, by pid) and the CPU/RSS they use."""
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +130,17 @@ def kill_survivors(procs, grace):
 
 REAPER = Reaper()
 SCRATCH_DIRS = []  # removed at exit (the Unix socket directories)
+
+
+def remove_scratch(workdir, keep):
+    """At exit: the work directory goes (kept, and named on stderr, with `keep`), and so do the socket
+    directories."""
+    if keep:
+        print(f"work directory (logs): {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    for path in SCRATCH_DIRS:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def cpu_seconds(pid):
