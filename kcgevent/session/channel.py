@@ -161,7 +161,7 @@ class Client:
                 gevent.spawn(channel.detach, self, how)
 
     def write_now(self):
-        """Write what the log holds from the hub's flush callback, without waiting (never raises).
+        """Write what the log holds from a flush (Channel._flush), without waiting (never raises).
 
         Only while the writer is parked (it owns every other write); True if everything went,
         False if the writer must be woken (a partial write, a full socket, a gap to announce)."""
@@ -398,9 +398,9 @@ class Channel:
             self._flush_scheduled = self._loop.run_callback(self._flush)
 
     def _flush(self):
-        """Runs in the hub once per loop iteration after a publish: all frames published
-        meanwhile leave in one write, from the hub itself while the writer is parked (a
-        greenlet switch less per write), else the writer is woken."""
+        """Runs in the hub once per loop iteration after a publish (or earlier: `flush_now`): all
+        frames published meanwhile leave in one write, without a switch to the writer while it is
+        parked (a greenlet switch less per write), else the writer is woken."""
         self._flush_scheduled = None
         client = self.client
         if client is None or not client.write_now():
