@@ -346,12 +346,13 @@ class WebSocket:
         return self._sendall(text_frames(payloads))
 
     def send_frames_now(self, payloads):
-        """`send_frames` for the hub's own callbacks: one non-blocking send, never waits.
+        """`send_frames` for a flush (from the hub, or the pump after a pass): one non-blocking
+        send, never waits.
 
         Returns the stream offset of the first frame, or None if nothing was written (a write
         under way, the socket full or failing, not a gevent socket): then `send_frames` must.
         What the socket did not take is kept and written first by the next write
-        (`has_tail`). Writing from the hub saves a switch to a writer greenlet per write."""
+        (`has_tail`). Writing without the writer greenlet saves a switch to it per write."""
         if self._raw_send is None or self._tail is not None or self._send_lock.locked() or \
                 self.closed or self.close_sent or self.broken:
             return None

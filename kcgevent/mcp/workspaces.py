@@ -15,13 +15,12 @@ import re
 import secrets
 import time
 import uuid
-from datetime import datetime, timezone
 
 import gevent
 from gevent.event import AsyncResult, Event
 
 from ..errors import ApiError
-from ..session.wire import dumps
+from ..session.wire import dumps, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ SLUG_LIMIT = 24
 
 
 def iso_now():
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return rfc3339(time.time())
 
 
 def slug(display_name):

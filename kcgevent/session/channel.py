@@ -121,13 +121,13 @@ class Client:
         self.resume = None  # first seq the peer did not get, once ended
         self.reader_done = Event()  # the greenlet reading the client's frames has finished
         self.writer = None
-        self.parked = False  # the writer waits for frames: the hub's flush may write for it
+        self.parked = False  # the writer waits for frames: a flush may write for it
         self.pinger = None
 
     # -- writing -------------------------------------------------------------
 
     def run_writer(self):
-        """Write the log from the cursor on, many frames per write, whenever the hub's flush
+        """Write the log from the cursor on, many frames per write, whenever a flush
         (`write_now`) cannot: a backlog at attach, a socket that is full, a gap to announce."""
         channel = self.channel
         log_ = channel.log

@@ -12,7 +12,7 @@ Timeouts built per poll). The pump drains the sockets it has reason to look
 at, then waits; each socket's FD has a watcher, started once, that marks its
 socket "unchecked" and wakes the pump, so no poll of all four is needed after
 a wake, and messages arriving on several sockets at once leave in one
-WebSocket write (the hub writes once per loop iteration, see channel.py).
+WebSocket write (the pump writes what each pass produced: Channel.flush_now).
 
 ZeroMQ's FD is edge-triggered: it signals a change of state, and whoever next
 processes the socket's commands (a recv, a send, zmq_poll) consumes the
