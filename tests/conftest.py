@@ -11,6 +11,7 @@ monkey.patch_all()
 
 import json  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -97,7 +98,20 @@ class ServerProcess:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(leftovers, timeout=5)
+        self.remove_sockets_of_a_killed_server()
         return leftovers
+
+    def remove_sockets_of_a_killed_server(self):
+        """A server killed by a signal (the tests that SIGKILL it) cannot remove its Unix sockets
+        (`kc-<pid>.sock` and the sessions' `kc-<pid>.d/`); one that ended normally has removed them."""
+        path = self.info.get("socket_path")
+        if not path or self.process.returncode is None or self.process.returncode >= 0:
+            return
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        shutil.rmtree(os.path.join(os.path.dirname(path), f"kc-{self.pid}.d"), ignore_errors=True)
 
 
 @pytest.fixture
