@@ -232,6 +232,7 @@ class WebSocket:
         self.closed = False  # nothing more is sent or received
         self.close_sent = False  # our Close frame is out: no more data frames
         self.output_shut = False  # our FIN is out
+        self.data_start = None  # stream offset of the data of the latest write (after any tail)
         self.broken = False  # a write stopped part-way (or stalled): nothing more may be written
         self.stalled = False
         self.peer_reset = False  # the peer reset the connection (ECONNRESET)
@@ -267,12 +268,14 @@ class WebSocket:
     def _sendall(self, data):
         """Write all of `data`; returns the stream offset it starts at. Raises ConnectionClosed."""
         with self._send_lock:
+            self.data_start = None
             if self._tail is not None:
                 tail, self._tail = self._tail, None
                 try:
                     self._write(tail)
                 except ConnectionClosed as exc:
                     raise ConnectionClosed(str(exc), start=None) from None  # nothing of `data` went
+            self.data_start = self.bytes_written  # (for a caller killed part-way through `data`)
             return self._write(data)
 
     @property

@@ -20,6 +20,7 @@ import uuid  # noqa: E402
 
 import psutil  # noqa: E402
 import pytest  # noqa: E402
+import websocket  # noqa: E402
 
 from kcgevent.client import Client, execute_request, python_kernel_session  # noqa: E402
 
@@ -102,16 +103,20 @@ class ServerProcess:
         return leftovers
 
     def remove_sockets_of_a_killed_server(self):
-        """A server killed by a signal (the tests that SIGKILL it) cannot remove its Unix sockets
-        (`kc-<pid>.sock` and the sessions' `kc-<pid>.d/`); one that ended normally has removed them."""
-        path = self.info.get("socket_path")
-        if not path or self.process.returncode is None or self.process.returncode >= 0:
-            return
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        shutil.rmtree(os.path.join(os.path.dirname(path), f"kc-{self.pid}.d"), ignore_errors=True)
+        remove_sockets_of_a_killed_server(self.info, self.process)
+
+
+def remove_sockets_of_a_killed_server(info, process):
+    """A server killed by a signal (the tests that SIGKILL it) cannot remove its Unix sockets
+    (`kc-<pid>.sock` and the sessions' `kc-<pid>.d/`); one that ended normally has removed them."""
+    path = (info or {}).get("socket_path")
+    if not path or process.returncode is None or process.returncode >= 0:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    shutil.rmtree(os.path.join(os.path.dirname(path), f"kc-{process.pid}.d"), ignore_errors=True)
 
 
 @pytest.fixture
@@ -237,19 +242,24 @@ class Channel:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no matching frame within {timeout} s; got {[summary(f) for f in got][-20:]}")
-            frame = self.recv(remaining)
+            try:
+                frame = self.recv(remaining)
+            except websocket.WebSocketTimeoutException:
+                raise TimeoutError(
+                    f"no matching frame within {timeout} s; got {[summary(f) for f in got][-20:]}") from None
             got.append(frame)
             if predicate(frame):
                 return got
 
-    def until_idle(self, request, timeout=15):
+    def until_idle(self, request, timeout=15, reply_seen=False):
         """Frames up to the kernel's idle status for `request` (and, for code, its execute_reply).
 
-        iopub and shell are separate sockets: the idle may overtake the reply.
+        iopub and shell are separate sockets: the idle may overtake the reply, and the reply may
+        overtake the last output (so a client replaced mid-cell may have had it: `reply_seen`).
         """
         wants_reply = request["header"]["msg_type"] == "execute_request"
         seen = {"idle": False,  # the idle ends the wait, so only a reply can have come before
-                "reply": not wants_reply or bool(replies_to(self.frames, request, "execute_reply"))}
+                "reply": reply_seen or not wants_reply or bool(replies_to(self.frames, request, "execute_reply"))}
 
         def done(frame):
             seen["idle"] |= is_idle_for(frame, request)

@@ -13,7 +13,7 @@ import uuid
 
 import psutil
 import pytest
-from conftest import fake_kernel_session, new_id, pid_gone
+from conftest import fake_kernel_session, new_id, pid_gone, remove_sockets_of_a_killed_server
 
 from kcgevent.client import Client
 
@@ -68,10 +68,16 @@ class CliServer:
             return []
 
     def close(self):
+        """SIGTERM (the server removes its sockets and stops its kernels), SIGKILL if it lingers."""
         kids = self.kernels()
         if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        remove_sockets_of_a_killed_server(self.info, self.process)
         for kid in kids:
             try:
                 kid.kill()

@@ -264,7 +264,10 @@ def legacy_handover_once(server, open_channel):
     if any(is_idle_for(f, request) for f in rest_a):
         frames_b = collect_for(b, 0.5)  # A got the whole cell: B must get none of it again
     else:
-        frames_b = b.until_idle(request, timeout=60)
+        # The shell reply can overtake the last of the iopub flood: A may have had it already.
+        frames_b = b.until_idle(request, timeout=60,
+                                reply_seen=bool(replies_to(frames_a + rest_a, request, "execute_reply")))
+    assert len(replies_to(frames_a + rest_a + frames_b, request, "execute_reply")) == 1
     texts = texts_a + texts_of(frames_b, request)
     assert len(texts) == FLOOD, f"A got {len(texts_a)}, B got {len(texts) - len(texts_a)}"
     assert texts == EXPECTED

@@ -210,6 +210,13 @@ class Client:
             if exc.start is not None:
                 self._record(batch[0][0], exc.start, payloads)
             raise
+        except BaseException:
+            # Killed part-way (the pinger gave up on the peer): the peer may have taken whole frames
+            # of this write, so they are recorded too, else they would go to the next client again.
+            start = self.ws.data_start
+            if start is not None and self.ws.bytes_written > start:
+                self._record(batch[0][0], start, payloads)
+            raise
         self._record(batch[0][0], start, payloads)
 
     def _record(self, first_seq, start, payloads):
