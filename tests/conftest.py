@@ -116,7 +116,11 @@ def remove_sockets_of_a_killed_server(info, process):
         os.unlink(path)
     except OSError:
         pass
-    shutil.rmtree(os.path.join(os.path.dirname(path), f"kc-{process.pid}.d"), ignore_errors=True)
+    # (kc-<N>.sock and kc-<N>.d/: N is the pid of the server that first took the names; a server
+    # restarted from a state dir keeps them)
+    name = os.path.basename(path)
+    stem = name[:-len(".sock")] if name.startswith("kc-") and name.endswith(".sock") else f"kc-{process.pid}"
+    shutil.rmtree(os.path.join(os.path.dirname(path), stem + ".d"), ignore_errors=True)
 
 
 @pytest.fixture

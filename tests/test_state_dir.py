@@ -18,8 +18,8 @@ import time  # noqa: E402
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 import websocket  # noqa: E402
-from conftest import (HERE, PYTHON, Channel, fake_kernel_session, new_id, pid_gone, wait_for,  # noqa: E402
-                      wait_gone)
+from conftest import (HERE, PYTHON, Channel, fake_kernel_session, new_id, pid_gone,  # noqa: E402
+                      remove_sockets_of_a_killed_server, wait_for, wait_gone)
 
 from kcgevent.client import Client, python_kernel_session  # noqa: E402
 
@@ -85,6 +85,8 @@ class ServiceManager:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(5)
+        if self.process is not None:
+            remove_sockets_of_a_killed_server(getattr(self, "info", None), self.process)
         left = []
         for pid in self.pids:
             try:
@@ -356,6 +358,10 @@ def test_a_damaged_state_dir_is_reported_per_session(manager):
         assert server.client.request("DELETE", f"/sessions/{sid}")[0] == 200
     assert server.stop() == 0
     wait_gone(trees[kept] + trees[truncated], timeout=10)
+    # The first server's session sockets (it died with them) went with the second's clean stop.
+    socket_path = server.info["socket_path"]
+    assert not os.path.exists(socket_path)
+    assert not os.path.exists(socket_path[:-len(".sock")] + ".d"), os.listdir(socket_path[:-len(".sock")] + ".d")
 
 
 @pytest.mark.parametrize("state_dir", [False, True])

@@ -245,6 +245,17 @@ class SessionSockets:
         for session_id in list(self._channels):
             self.close(session_id)
         if self._dir is not None:
+            # A server restarted from a state dir keeps its predecessor's names: sockets that one
+            # bound for sessions nobody reconnected to are left in the directory, nobody listening.
+            try:
+                names = os.listdir(self._dir)
+            except OSError:
+                names = []  # removed already (by whoever made --socket-dir)
+            for name in names:
+                try:
+                    _remove_stale(os.path.join(self._dir, name))
+                except TransportError:
+                    pass  # live, or not a socket: not ours to remove
             try:
                 os.rmdir(self._dir)
             except OSError:
