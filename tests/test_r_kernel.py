@@ -31,10 +31,12 @@ def printed(request, text):
     return check
 
 
-def test_r_session(server, open_channel):
+def test_r_session(server, open_channel, tmp_path):
     client = server.client
     session_id = new_id("r")
-    client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": "ir"})
+    # R's per-process temp dir goes under tmp_path: the R this test kills cannot remove its own
+    client.call("PUT", "/sessions", {"session_id": session_id, "kernel_name": "ir",
+                                     "env": [{"action": "replace", "name": "TMPDIR", "value": str(tmp_path)}]})
     described = get_session(server, session_id)
     assert described["language"] == "R" and described["interrupt_mode"] == "signal"
     assert described["argv"][:2] == ["R", "--slave"]
