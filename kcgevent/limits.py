@@ -9,7 +9,9 @@ still fails (EMFILE), gevent's server pauses accepting and retries with a
 backoff instead of giving up, so the server recovers as soon as fds free up.
 """
 import errno
+import json
 import logging
+import socket
 import time
 
 import gevent
@@ -51,14 +53,30 @@ def timeout_handler(timeout):
                 self.socket.settimeout(timeout)
             super().handle()
 
+        def _handle_client_error(self, ex):
+            """A request that stops arriving half-way is the client's doing: one line and a 408,
+            where gevent would print a traceback to stderr and answer 400."""
+            if not isinstance(ex, socket.timeout):
+                return super()._handle_client_error(ex)
+            log.info("Closed a connection from %s: its request stopped arriving for %g s (--http-timeout)",
+                     self.client_address, timeout)
+            return "408", REQUEST_TIMEOUT_RESPONSE
+
     return TimeoutHandler
+
+
+_TIMEOUT_BODY = json.dumps({"code": "408", "message": "The request did not arrive completely within "
+                            "--http-timeout; the connection is closed"}).encode()
+REQUEST_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(_TIMEOUT_BODY)
+                            + _TIMEOUT_BODY)
 
 
 class AcceptFailed(Exception):
     """accept() failed for want of resources: gevent's server pauses accepting and tries again."""
 
 
-_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # errnos of the machine's limits, not bugs
 ACCEPT_WARNING_INTERVAL = 10.0
 
 
@@ -79,7 +97,7 @@ def quiet_accept_errors(server):
         try:
             return read()
         except OSError as exc:
-            if exc.errno not in _OUT_OF_RESOURCES:
+            if exc.errno not in OUT_OF_RESOURCES:
                 raise
             now = time.monotonic()
             if now - last_warning[0] >= ACCEPT_WARNING_INTERVAL:

@@ -105,6 +105,22 @@ class ServerProcess:
     def remove_sockets_of_a_killed_server(self):
         remove_sockets_of_a_killed_server(self.info, self.process)
 
+    def tracebacks(self):
+        """The tracebacks the server logged or printed: each is a bug, even when no request failed
+        (e.g. a greenlet of its shutdown dying: the process still exits 0)."""
+        found = []
+        for path in (self.log_file, self.stderr_path):
+            try:
+                text = open(path, errors="replace").read()
+            except OSError:
+                continue
+            for part in text.split("Traceback (most recent call last):")[1:]:
+                lines = part.strip("\n").splitlines()
+                end = next((i for i, line in enumerate(lines) if line and not line.startswith(" ")), len(lines))
+                where = [line.strip() for line in lines[:end] if line.strip().startswith("File ")][-1:]
+                found.append(f"{os.path.basename(path)}: {' '.join(where)} -> {' '.join(lines[end:end + 1])}")
+        return found
+
 
 def remove_sockets_of_a_killed_server(info, process):
     """A server killed by a signal (the tests that SIGKILL it) cannot remove its Unix sockets
@@ -135,10 +151,12 @@ def start_server(tmp_path):
         return server
 
     yield start
-    leaked = []
+    leaked, tracebacks = [], []
     for server in servers:
         leaked += server.stop()
+        tracebacks += server.tracebacks()
     assert not leaked, f"processes left behind: {[p.pid for p in leaked]}"
+    assert not tracebacks, "the server logged tracebacks:\n" + "\n".join(tracebacks)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import time
 import gevent
 
 from ..errors import KsError, StartupError
+from ..limits import OUT_OF_RESOURCES
 from . import process as proc_mod
 from . import events, ipc, wire
 from .channel import Channel
@@ -135,7 +136,10 @@ class KernelSession:
 
     def _unexpected_failure(self, variant, prefix, exc):
         """Kill what a failed start spawned, mark the session exited; the StartupError to answer."""
-        log.exception("session %s: %s", self.session_id, prefix.lower())
+        if getattr(exc, "errno", None) in OUT_OF_RESOURCES:  # (OSError, ZMQError) the machine's limit: no bug
+            log.error("session %s: %s: %s", self.session_id, prefix.lower(), exc)
+        else:
+            log.exception("session %s: %s", self.session_id, prefix.lower())
         launcher, connection, self.connection = self.launcher, self.connection, None
         output = code = None
         if connection is not None:
