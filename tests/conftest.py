@@ -111,7 +111,8 @@ class ServerProcess:
         found = []
         for path in (self.log_file, self.stderr_path):
             try:
-                text = open(path, errors="replace").read()
+                with open(path, errors="replace") as f:
+                    text = f.read()
             except OSError:
                 continue
             for part in text.split("Traceback (most recent call last):")[1:]:
