@@ -123,13 +123,19 @@ def observe(session, msg):
         content = msg.content
         if not isinstance(content, dict):
             return
-        if session.history.open:
-            session.history.observe(parent, msg.msg_type, content)
-        collector = session.collectors.get(parent)
-        if collector is not None:
-            collector.observe(msg.msg_type, content)
+        record(session, parent, msg.msg_type, content)
     except ValueError:  # a parent or content that is not JSON: the relay passes it on, we skip it
         log.warning("session %s: %s message not recorded (unparsable)", session.session_id, msg.msg_type)
+
+
+def record(session, parent_msg_id, msg_type, content):
+    """Feed one answer to `parent_msg_id` to its open history entry and its collector, if any
+    (also what the idle probe learns in place of a lost idle)."""
+    if session.history.open:
+        session.history.observe(parent_msg_id, msg_type, content)
+    collector = session.collectors.get(parent_msg_id)
+    if collector is not None:
+        collector.observe(msg_type, content)
 
 
 def abandon_all(session, reason):

@@ -28,6 +28,7 @@ import logging
 import gevent
 from gevent.hub import get_hub
 
+from . import execute as execute_mod
 from . import wire
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,5 @@ class IdleProbe:
         log.warning("session %s: the kernel's iopub idle for %s was lost (ZeroMQ drops what a full PUB queue is "
                     "given); the kernel's answer to our kernel_info says it is idle", session.session_id, lost)
         if lost is not None:
-            if session.history.open:
-                session.history.observe(lost, "status", IDLE)
-            collector = session.collectors.get(lost)
-            if collector is not None:
-                collector.observe("status", IDLE)
-        session.set_status("idle", REASON)
-        session._check_working_directory()
-        session._release_next(lost)  # (after an error reply the queue waits for the idle)
+            execute_mod.record(session, lost, "status", IDLE)
+        session.went_idle(lost, REASON, after_execute=True)

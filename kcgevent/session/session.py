@@ -370,13 +370,14 @@ class KernelSession:
             execute_mod.observe(self, msg)
         if msg.channel == "iopub" and msg.msg_type == "status":
             state = msg.content.get("execution_state")
-            if state in ("busy", "idle"):
-                self.set_status(state, msg.parent_msg_type)
-                if state == "idle" and msg.parent_msg_type == "execute_request":
-                    self._check_working_directory()  # one readlink; clients see it before the idle
-            self.channel.publish(msg.envelope(header_raw))
             if state == "idle":
-                self._release_next(msg.parent_msg_id)
+                parent_type = msg.parent_msg_type
+                self.went_idle(msg.parent_msg_id, parent_type, parent_type == "execute_request",
+                               msg.envelope(header_raw))
+                return
+            if state == "busy":
+                self.set_status(state, msg.parent_msg_type)
+            self.channel.publish(msg.envelope(header_raw))
             return
         self.channel.publish(msg.envelope(header_raw))
         if msg.msg_type == "execute_reply":
@@ -385,6 +386,17 @@ class KernelSession:
                 # (After an error the next waits for the idle: ipykernel, stop_on_error, aborts what
                 # reaches it before it has finished with the failed request, which the idle tells.)
                 self._release_next(msg.parent_msg_id)
+
+    def went_idle(self, msg_id, reason, after_execute, envelope=None):
+        """The kernel is idle after request `msg_id`: its iopub idle (`envelope`, relayed here), or the
+        idle probe's answer in place of a lost one. In this order: the status, the working directory
+        after an execute (one readlink; clients see it before the idle), the idle, the next request."""
+        self.set_status("idle", reason)
+        if after_execute:
+            self._check_working_directory()
+        if envelope is not None:
+            self.channel.publish(envelope)
+        self._release_next(msg_id)  # (after an error reply the queue waits for the idle)
 
     def _release_next(self, finished_msg_id):
         nxt = self.queue.finished(finished_msg_id)
